@@ -1,0 +1,300 @@
+"""Library entry points for training and evaluation: plain functions returning dataclasses.
+
+The CLI and recipes call these; they never print (progress goes to an Observer, notes to the
+``dlkit`` logger) and raise DlkitError subclasses with an actionable message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dlkit import artifacts
+from dlkit.config import apply_overrides
+from dlkit.device import resolve_device, uses_channels_last
+from dlkit.engine.evaluate import EvalResult, evaluate_model
+from dlkit.engine.history import CURVES, HistoryWriter, plot_confusion, plot_curves
+from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit
+from dlkit.errors import Interrupted, UsageError
+
+log = logging.getLogger("dlkit")
+
+LOG_FILE = "train.log"
+
+
+@dataclass
+class TrainRequest:
+    model: str
+    dataset: str
+    overrides: dict[str, str] = field(default_factory=dict)  # model config (--set key=value)
+    options: dict = field(default_factory=dict)  # TrainConfig fields the user gave explicitly
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    out: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    artifact: Path
+    manifest: dict
+    config: TrainConfig
+    history: list[dict]
+    val: EvalResult | None
+    test: EvalResult
+    seconds: float
+    device: str
+    data_source: str
+
+    def to_dict(self) -> dict:
+        return {
+            "artifact": str(self.artifact),
+            "model": self.manifest["model"],
+            "dataset": self.manifest["data"]["dataset"],
+            "train_config": dataclasses.asdict(self.config),
+            "metrics": self.manifest["metrics"],
+            "history": self.history,
+            "test": self.test.to_dict(),
+            "seconds": self.seconds,
+            "device": self.device,
+        }
+
+
+def resolve_train_config(model: str, options: dict) -> TrainConfig:
+    """Global defaults, then the model's own training defaults, then what the user gave."""
+    from dlkit.models import MODELS
+
+    cfg = apply_overrides(TrainConfig(), MODELS.get(model).train_defaults, what="training defaults")
+    cfg = apply_overrides(cfg, {k: v for k, v in options.items() if v is not None}, what="training option")
+    return cfg.validate()
+
+
+def default_out(model: str, dataset: str) -> Path:
+    return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_inference(model: torch.nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> bool:
+    """Move ``model`` to ``device`` in the memory format training used; returns channels_last."""
+    model.to(device)
+    channels_last = uses_channels_last(model, (1, *input_shape))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return channels_last
+
+
+def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, work: Path) -> None:
+    want = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
+            "train_config": dataclasses.asdict(cfg), "overrides": request.overrides}
+    diffs = [k for k, v in want.items() if extra.get(k) != v]
+    if diffs:
+        raise UsageError(f"the checkpoint in {work} was made with a different {', '.join(diffs)}",
+                         hint="resume with the same command line, or remove the folder to start over")
+
+
+def train_model(request: TrainRequest, *, observer: Observer | None = None,
+                should_stop: Callable[[], bool] = lambda: False, download_progress=None) -> TrainResult:
+    """Train ``request.model`` on ``request.dataset`` and save the result as an artifact."""
+    from dlkit.data import DATASETS, load_dataset
+    from dlkit.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from dlkit.models import MODELS, create_model
+
+    started = time.perf_counter()
+    entry = MODELS.get(request.model)
+    DATASETS.get(request.dataset)  # unknown names fail before anything is loaded
+    cfg = resolve_train_config(request.model, request.options)
+    device = resolve_device(request.device)
+    final = Path(request.out) if request.out else default_out(request.model, request.dataset)
+    artifacts.check_destination(final)
+    work = artifacts.work_folder(final)
+    if request.resume and not has_checkpoint(work):
+        raise UsageError(f"nothing to resume: no checkpoint in {work}",
+                         hint="drop --resume to start a new run, or pass the --out of the interrupted run")
+    if not request.resume and work.exists():
+        raise UsageError(f"an unfinished run is in {work}",
+                         hint="add --resume to continue it, or remove that folder to start over")
+
+    data = load_dataset(request.dataset, data_dir=request.data_dir, val_fraction=request.val_fraction,
+                        seed=request.seed, progress=download_progress)
+    torch.manual_seed(request.seed)
+    model, model_cfg = create_model(request.model, data.spec, request.overrides)
+    extra = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
+             "train_config": dataclasses.asdict(cfg), "overrides": request.overrides}
+    state, opt_state = None, None
+    if request.resume:
+        state, opt_state, saved = load_checkpoint(work, model)
+        _check_resume_matches(saved, request, cfg, work)
+        log.info("resuming %s at epoch %d, step %d", work, state.epoch + 1, state.step)
+    work.mkdir(parents=True, exist_ok=True)
+    file_log = logging.FileHandler(work / LOG_FILE)
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(file_log)
+    try:
+        log.info("training %s on %s (%s) on %s: %s", request.model, request.dataset, data.source, device,
+                 dataclasses.asdict(cfg))
+        history = HistoryWriter(work, state.history if state else [])
+        user_observer = observer or Observer()
+
+        class _Record(Observer):
+            def on_start(self, **kw):
+                user_observer.on_start(**kw)
+
+            def on_step(self, **kw):
+                user_observer.on_step(**kw)
+
+            def on_epoch(self, record):
+                history.append(record)
+                log.info("epoch %d: %s", record["epoch"], record)
+                user_observer.on_epoch(record)
+
+        def checkpoint(st: TrainState, optimizer) -> None:
+            save_checkpoint(work, model, optimizer, st, extra)
+
+        try:
+            state, optimizer = fit(model, data.train, data.val, cfg, device=device, seed=request.seed,
+                                   augment=DATASETS.get(request.dataset).augment, observer=_Record(),
+                                   state=state, optimizer_state=opt_state, should_stop=should_stop,
+                                   on_epoch_end=checkpoint)
+        finally:
+            history.close()
+        if not state.completed:
+            checkpoint(state, optimizer)
+            raise Interrupted(
+                f"stopped at epoch {state.epoch + 1}, step {state.step}; a checkpoint is saved in {work}",
+                hint=f"continue with: dlkit train {request.model} --dataset {request.dataset} --out {final} --resume",
+            )
+
+        channels_last = prepare_inference(model, device, data.spec.input_shape)
+        names = list(data.spec.class_names or range(data.spec.num_classes))
+        kw = dict(class_names=names, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
+                  channels_last=channels_last)
+        val = evaluate_model(model, *data.val, split="val", **kw) if len(data.val[0]) else None
+        test = evaluate_model(model, *data.test, split="test", **kw)
+        metrics = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_macro_f1": test.macro_f1}
+        if val is not None:
+            metrics.update(val_accuracy=val.accuracy, val_loss=val.loss)
+        metrics["train_seconds"] = sum(r["epoch_seconds"] for r in state.history)
+        metrics["samples_per_s"] = state.history[-1]["samples_per_s"]
+
+        manifest = artifacts.new_manifest(
+            model_name=request.model, family=entry.family, config=_config_dict(model_cfg), spec=data.spec,
+            dataset=request.dataset, data_state=data.state, seed=request.seed, precision=cfg.precision)
+        options = {"train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
+                   "val_fraction": request.val_fraction, "device": str(device)}
+        manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
+        manifest["metrics"] = metrics
+        plot_curves(state.history, work / CURVES, f"{request.model} on {request.dataset}")
+        plot_confusion(test.confusion, names, work / "confusion.png", f"{request.model}: test confusion")
+        for name in ("checkpoint.safetensors", "checkpoint.json"):
+            (work / name).unlink(missing_ok=True)
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+    finally:
+        log.removeHandler(file_log)
+        file_log.close()
+    artifacts.write_artifact(final, model, manifest, work=work)
+    return TrainResult(artifact=final, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
+                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source)
+
+
+def _config_dict(cfg) -> dict:
+    from dlkit.config import to_dict
+
+    return to_dict(cfg)
+
+
+@dataclass
+class EvaluateResult:
+    artifact: Path
+    model: str
+    dataset: str
+    result: EvalResult
+    device: str
+    plot: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"artifact": str(self.artifact), "model": self.model, "dataset": self.dataset,
+                "device": self.device, **self.result.to_dict(), "plot": str(self.plot) if self.plot else None}
+
+
+def evaluate_artifact(path: Path | str, *, dataset: str | None = None, split: str = "test",
+                      data_dir: str | None = None, device: str = "auto", batch_size: int = 1024,
+                      plot: Path | None = None, download_progress=None) -> EvaluateResult:
+    """Evaluate an artifact on a split of its own dataset (or another dataset of the same shape)."""
+    from dlkit.data import load_dataset
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"unknown split '{split}'", hint="use train, val or test")
+    art = artifacts.read_artifact(path)
+    name = dataset or art.dataset
+    if not name:
+        raise UsageError(f"{art.path} records no dataset", hint="pass --dataset")
+    dev = resolve_device(device)
+    model = artifacts.load_model(art)
+    state = art.manifest["data"].get("state") or {}
+    data = load_dataset(name, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),
+                        seed=state.get("seed", art.manifest.get("seed", 0)),
+                        state=state if name == art.dataset else None, progress=download_progress)
+    if data.spec != art.spec:
+        raise UsageError(f"dataset '{name}' ({data.spec.describe()}) does not fit {art.path} "
+                         f"({art.spec.describe()})", hint="evaluate on data of the same shape and classes")
+    channels_last = prepare_inference(model, dev, data.spec.input_shape)
+    x, y = getattr(data, split)
+    if len(x) == 0:
+        raise UsageError(f"the {split} split of '{name}' is empty", hint="choose another --split")
+    names = list(data.spec.class_names or range(data.spec.num_classes))
+    result = evaluate_model(model, x, y, class_names=names, split=split, batch_size=batch_size, device=dev,
+                            precision=art.precision, channels_last=channels_last)
+    if plot is not None:
+        plot_confusion(result.confusion, names, plot, f"{art.model_name} on {name} ({split})")
+    return EvaluateResult(art.path, art.model_name, name, result, str(dev), plot)
+
+
+def list_models(pattern: str = "*") -> list[dict]:
+    """Every registered model with its parameter count on its default data (built on meta: no memory)."""
+    from dlkit.errors import DlkitError
+    from dlkit.models import MODELS
+    from dlkit.models.registry import create_model
+    from dlkit.spec import STANDARD_SPECS
+
+    rows = []
+    for name in MODELS.names(pattern):
+        entry = MODELS.get(name)
+        row = {"name": name, "family": entry.family, "modalities": list(entry.modalities),
+               "default_dataset": entry.default_dataset, "description": entry.description,
+               "train_defaults": entry.train_defaults, "params": None, "error": None}
+        try:
+            with torch.device("meta"):
+                model, _ = create_model(name, _spec_for(entry.default_dataset, STANDARD_SPECS))
+            row["params"] = sum(p.numel() for p in model.parameters())
+        except DlkitError as exc:
+            row["error"] = exc.message
+        rows.append(row)
+    return rows
+
+
+def _spec_for(dataset: str, standard: dict):
+    from dlkit.data import DATASETS
+
+    if dataset in DATASETS:
+        return DATASETS.get(dataset).spec
+    if dataset in standard:
+        return standard[dataset]
+    raise UsageError(f"no shape is known for dataset '{dataset}'")
+
+
+def list_datasets(data_dir: Path | None = None) -> list[dict]:
+    from dlkit.data import DATASETS
+
+    rows = []
+    for name, entry in DATASETS.items():
+        rows.append({**entry.spec.to_dict(), "name": name, "description": entry.description,
+                     "found": entry.locate(data_dir)})
+    return rows

@@ -1,0 +1,38 @@
+"""Device and precision choices shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from dlkit.choices import DEVICES, PRECISIONS
+from dlkit.errors import UsageError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device '{name}'", hint="use auto, cpu or cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'", hint="use fp32 or bf16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or CUDA; a no-op context for fp32."""
+    if check_precision(precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def uses_channels_last(model: torch.nn.Module, example_shape: tuple[int, ...]) -> bool:
+    """channels_last pays off for convolutional models on 4-d input (measured in benchmarks/)."""
+    return len(example_shape) == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())

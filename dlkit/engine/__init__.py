@@ -1,0 +1,1 @@
+"""Training and evaluation loops over in-memory tensors."""

@@ -1,0 +1,8 @@
+"""Model families. Importing this package registers every family's presets."""
+
+from dlkit.models.registry import MODELS, ModelEntry, build_model, create_model, register_model
+
+# Each import registers that family's names.
+from dlkit.models import mlp, cnn, resnet, vgg, rnn, transformer  # noqa: E402,F401
+
+__all__ = ["MODELS", "ModelEntry", "build_model", "create_model", "register_model"]
