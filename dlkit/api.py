@@ -135,11 +135,12 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
         log.info("resuming %s at epoch %d, step %d", work, state.epoch + 1, state.step)
     work.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(work / LOG_FILE)
+    file_log.setLevel(logging.DEBUG)
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_log)
     try:
-        log.info("training %s on %s (%s) on %s: %s", request.model, request.dataset, data.source, device,
-                 dataclasses.asdict(cfg))
+        log.info("training %s on %s (from %s) on %s", request.model, request.dataset, data.source, device)
+        log.debug("training config: %s; model config: %s", dataclasses.asdict(cfg), model_cfg)
         history = HistoryWriter(work, state.history if state else [])
         user_observer = observer or Observer()
 
@@ -152,7 +153,7 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
 
             def on_epoch(self, record):
                 history.append(record)
-                log.info("epoch %d: %s", record["epoch"], record)
+                log.debug("epoch %d: %s", record["epoch"], record)
                 user_observer.on_epoch(record)
 
         def checkpoint(st: TrainState, optimizer) -> None:

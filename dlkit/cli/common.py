@@ -32,7 +32,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback
 def setup_logging(quiet: bool) -> None:
     """dlkit's notes go to stderr; --quiet keeps only warnings and errors."""
     logger = logging.getLogger("dlkit")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     for h in list(logger.handlers):
         if getattr(h, "_dlkit_cli", False):
             logger.removeHandler(h)
