@@ -19,6 +19,8 @@ import torch
 from dlkit import artifacts
 from dlkit.config import apply_overrides
 from dlkit.device import resolve_device, uses_channels_last
+from dlkit.engine import distributed
+from dlkit.engine.distributed import env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
 from dlkit.engine.history import CURVES, HistoryWriter, plot_confusion, plot_curves
 from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit
@@ -37,6 +39,8 @@ class TrainRequest:
     options: dict = field(default_factory=dict)  # TrainConfig fields the user gave explicitly
     data_dir: str | None = None
     val_fraction: float = 0.1
+    # Dataset options (text: data_file, text_column, label_column, vocab_size, max_len).
+    data_options: dict = field(default_factory=dict)
     out: Path | None = None
     resume: bool = False
     seed: int = 0
@@ -54,6 +58,7 @@ class TrainResult:
     seconds: float
     device: str
     data_source: str
+    distributed: dict | None = None  # world size, global/per-worker batch, backend, threads
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +71,7 @@ class TrainResult:
             "test": self.test.to_dict(),
             "seconds": self.seconds,
             "device": self.device,
+            "distributed": self.distributed,
         }
 
 
@@ -93,16 +99,32 @@ def prepare_inference(model: torch.nn.Module, device: torch.device, input_shape:
 
 def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, work: Path) -> None:
     want = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
-            "train_config": dataclasses.asdict(cfg), "overrides": request.overrides}
-    diffs = [k for k, v in want.items() if extra.get(k) != v]
+            "train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
+            "world_size": env_world_size()}
+    diffs = [k for k, v in want.items() if extra.get(k, 1 if k == "world_size" else None) != v]
     if diffs:
         raise UsageError(f"the checkpoint in {work} was made with a different {', '.join(diffs)}",
                          hint="resume with the same command line, or remove the folder to start over")
 
 
 def train_model(request: TrainRequest, *, observer: Observer | None = None,
-                should_stop: Callable[[], bool] = lambda: False, download_progress=None) -> TrainResult:
-    """Train ``request.model`` on ``request.dataset`` and save the result as an artifact."""
+                should_stop: Callable[[], bool] = lambda: False, download_progress=None) -> TrainResult | None:
+    """Train ``request.model`` on ``request.dataset`` and save the result as an artifact.
+
+    In a worker of a distributed run (torchrun, or ``dlkit train --nproc``; engine.distributed)
+    this joins the process group and trains its shard; rank 0 writes the artifact and returns the
+    result, the other ranks return None.
+    """
+    dist, device = distributed.setup(resolve_device(request.device))
+    try:
+        return _train_model(request, dist, device, observer=observer, should_stop=should_stop,
+                            download_progress=download_progress)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train_model(request: TrainRequest, dist: distributed.DistContext | None, device: torch.device, *,
+                 observer: Observer | None, should_stop: Callable[[], bool], download_progress) -> TrainResult | None:
     from dlkit.data import DATASETS, load_dataset
     from dlkit.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
     from dlkit.models import MODELS, create_model
@@ -111,7 +133,9 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
     entry = MODELS.get(request.model)
     DATASETS.get(request.dataset)  # unknown names fail before anything is loaded
     cfg = resolve_train_config(request.model, request.options)
-    device = resolve_device(request.device)
+    if dist is not None and cfg.batch_size < dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
+                         f"{dist.world_size} workers", hint="raise --batch-size")
     final = Path(request.out) if request.out else default_out(request.model, request.dataset)
     artifacts.check_destination(final)
     work = artifacts.work_folder(final)
@@ -122,17 +146,31 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
         raise UsageError(f"an unfinished run is in {work}",
                          hint="add --resume to continue it, or remove that folder to start over")
 
+    if dist is not None and dist.local_rank != 0:
+        dist.barrier()  # local rank 0 loads (and downloads) first
     data = load_dataset(request.dataset, data_dir=request.data_dir, val_fraction=request.val_fraction,
-                        seed=request.seed, progress=download_progress)
+                        seed=request.seed, progress=download_progress, options=request.data_options)
+    if dist is not None and dist.local_rank == 0:
+        dist.barrier()
     torch.manual_seed(request.seed)
     model, model_cfg = create_model(request.model, data.spec, request.overrides)
     extra = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
-             "train_config": dataclasses.asdict(cfg), "overrides": request.overrides}
+             "train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
+             "world_size": dist.world_size if dist else 1}
     state, opt_state = None, None
     if request.resume:
         state, opt_state, saved = load_checkpoint(work, model)
         _check_resume_matches(saved, request, cfg, work)
         log.info("resuming %s at epoch %d, step %d", work, state.epoch + 1, state.step)
+    ddp = _describe_distributed(dist, cfg)
+    if dist is not None and not dist.is_main:  # train in step with rank 0; it writes everything
+        state, _ = fit(model, data.train, data.val, cfg, device=device, seed=request.seed,
+                       augment=DATASETS.get(request.dataset).augment, state=state, optimizer_state=opt_state,
+                       should_stop=should_stop, dist=dist)
+        if not state.completed:
+            dist.barrier()  # wait for rank 0's checkpoint
+            raise Interrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
+        return None
     work.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(work / LOG_FILE)
     file_log.setLevel(logging.DEBUG)
@@ -141,6 +179,11 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
     try:
         log.info("training %s on %s (from %s) on %s", request.model, request.dataset, data.source, device)
         log.debug("training config: %s; model config: %s", dataclasses.asdict(cfg), model_cfg)
+        if ddp:
+            log.info("distributed: %d workers (%s), global batch %d = about %d per worker; lr %g is not scaled "
+                     "(--batch-size is the global batch, the same as one process); %d threads per worker (%s)",
+                     ddp["world_size"], ddp["backend"], cfg.batch_size, ddp["batch_per_worker"], cfg.lr,
+                     ddp["threads"], ddp["threads_reason"])
         history = HistoryWriter(work, state.history if state else [])
         user_observer = observer or Observer()
 
@@ -163,11 +206,13 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
             state, optimizer = fit(model, data.train, data.val, cfg, device=device, seed=request.seed,
                                    augment=DATASETS.get(request.dataset).augment, observer=_Record(),
                                    state=state, optimizer_state=opt_state, should_stop=should_stop,
-                                   on_epoch_end=checkpoint)
+                                   on_epoch_end=checkpoint, dist=dist)
         finally:
             history.close()
         if not state.completed:
             checkpoint(state, optimizer)
+            if dist is not None:
+                dist.barrier()  # the other ranks wait for this checkpoint before they exit
             raise Interrupted(
                 f"stopped at epoch {state.epoch + 1}, step {state.step}; a checkpoint is saved in {work}",
                 hint=f"continue with: dlkit train {request.model} --dataset {request.dataset} --out {final} --resume",
@@ -189,7 +234,8 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
             model_name=request.model, family=entry.family, config=_config_dict(model_cfg), spec=data.spec,
             dataset=request.dataset, data_state=data.state, seed=request.seed, precision=cfg.precision)
         options = {"train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
-                   "val_fraction": request.val_fraction, "device": str(device)}
+                   "val_fraction": request.val_fraction, "device": str(device), "distributed": ddp,
+                   "data_options": request.data_options}
         manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
         manifest["metrics"] = metrics
         plot_curves(state.history, work / CURVES, f"{request.model} on {request.dataset}")
@@ -202,7 +248,16 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
         file_log.close()
     artifacts.write_artifact(final, model, manifest, work=work)
     return TrainResult(artifact=final, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
-                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source)
+                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source,
+                       distributed=ddp)
+
+
+def _describe_distributed(dist: distributed.DistContext | None, cfg: TrainConfig) -> dict | None:
+    if dist is None:
+        return None
+    return {"world_size": dist.world_size, "backend": dist.backend, "global_batch": cfg.batch_size,
+            "batch_per_worker": -(-cfg.batch_size // dist.world_size), "lr_scale": 1.0,
+            "threads": dist.threads, "threads_reason": dist.threads_reason}
 
 
 def _config_dict(cfg) -> dict:
@@ -227,14 +282,18 @@ class EvaluateResult:
 
 def evaluate_artifact(path: Path | str, *, dataset: str | None = None, split: str = "test",
                       data_dir: str | None = None, device: str = "auto", batch_size: int = 1024,
-                      plot: Path | None = None, download_progress=None) -> EvaluateResult:
-    """Evaluate an artifact on a split of its own dataset (or another dataset of the same shape)."""
+                      plot: Path | None = None, download_progress=None,
+                      data_file: str | None = None) -> EvaluateResult:
+    """Evaluate an artifact on a split of its own dataset (or another dataset of the same shape).
+
+    Text artifacts always encode with their saved vocabulary; ``data_file`` evaluates a text
+    artifact on every row of another file with the same columns."""
     from dlkit.data import load_dataset
 
     if split not in ("train", "val", "test"):
         raise UsageError(f"unknown split '{split}'", hint="use train, val or test")
     art = artifacts.read_artifact(path)
-    name = dataset or art.dataset
+    name = dataset or ("text-csv" if data_file else art.dataset)
     if not name:
         raise UsageError(f"{art.path} records no dataset", hint="pass --dataset")
     dev = resolve_device(device)
@@ -242,7 +301,8 @@ def evaluate_artifact(path: Path | str, *, dataset: str | None = None, split: st
     state = art.manifest["data"].get("state") or {}
     data = load_dataset(name, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),
                         seed=state.get("seed", art.manifest.get("seed", 0)),
-                        state=state if name == art.dataset else None, progress=download_progress)
+                        state=state if name == art.dataset or art.spec.modality == "text" else None,
+                        progress=download_progress, options={"data_file": data_file} if data_file else None)
     if data.spec != art.spec:
         raise UsageError(f"dataset '{name}' ({data.spec.describe()}) does not fit {art.path} "
                          f"({art.spec.describe()})", hint="evaluate on data of the same shape and classes")

@@ -26,6 +26,16 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 math runs natively here (CUDA, or a CPU with AVX512-BF16/AMX through oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: if it goes away, assume it is fine
+        return True
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU or CUDA; a no-op context for fp32."""
     if check_precision(precision) == "fp32":

@@ -315,3 +315,16 @@ def test_content_differing_from_the_published_set_is_logged(tmp_path, caplog):
         b = load_dataset("fashion-mnist", data_dir=folder)
     assert len(b.test[0]) == 20
     assert "differs from the published fashion-mnist file train-images-idx3-ubyte" in caplog.text
+
+
+def test_digits_csv_matches_scikit_learn():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from dlkit.data.vision import _fetch_digits, digits_test_mask
+
+    raw = _fetch_digits()
+    bunch = load_digits()
+    test = digits_test_mask(bunch.target)
+    assert torch.equal(raw.x_train, torch.from_numpy(bunch.images[~test].astype(np.float32) / 16.0).unsqueeze(1))
+    assert torch.equal(raw.y_test, torch.from_numpy(bunch.target[test].astype(np.int64)))
