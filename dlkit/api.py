@@ -75,11 +75,14 @@ class TrainResult:
         }
 
 
-def resolve_train_config(model: str, options: dict) -> TrainConfig:
-    """Global defaults, then the model's own training defaults, then what the user gave."""
+def resolve_train_config(model: str, options: dict, dataset: str | None = None) -> TrainConfig:
+    """Global defaults, then the model's own, then the dataset's, then what the user gave."""
+    from dlkit.data import DATASETS
     from dlkit.models import MODELS
 
     cfg = apply_overrides(TrainConfig(), MODELS.get(model).train_defaults, what="training defaults")
+    if dataset is not None:
+        cfg = apply_overrides(cfg, DATASETS.get(dataset).train_defaults, what="training defaults")
     cfg = apply_overrides(cfg, {k: v for k, v in options.items() if v is not None}, what="training option")
     return cfg.validate()
 
@@ -107,6 +110,30 @@ def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, 
                          hint="resume with the same command line, or remove the folder to start over")
 
 
+def check_train_request(request: TrainRequest, world_size: int = 1) -> tuple[TrainConfig, Path]:
+    """Fail early on what would fail later: names, options, the destination, the resume state."""
+    from dlkit.data import DATASETS
+    from dlkit.engine.checkpoint import has_checkpoint
+    from dlkit.models import MODELS
+
+    MODELS.get(request.model)
+    DATASETS.get(request.dataset)  # unknown names fail before anything is loaded
+    cfg = resolve_train_config(request.model, request.options, request.dataset)
+    if cfg.batch_size < world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
+                         f"{world_size} workers", hint="raise --batch-size")
+    final = Path(request.out) if request.out else default_out(request.model, request.dataset)
+    artifacts.check_destination(final)
+    work = artifacts.work_folder(final)
+    if request.resume and not has_checkpoint(work):
+        raise UsageError(f"nothing to resume: no checkpoint in {work}",
+                         hint="drop --resume to start a new run, or pass the --out of the interrupted run")
+    if not request.resume and work.exists():
+        raise UsageError(f"an unfinished run is in {work}",
+                         hint="add --resume to continue it, or remove that folder to start over")
+    return cfg, final
+
+
 def train_model(request: TrainRequest, *, observer: Observer | None = None,
                 should_stop: Callable[[], bool] = lambda: False, download_progress=None) -> TrainResult | None:
     """Train ``request.model`` on ``request.dataset`` and save the result as an artifact.
@@ -126,25 +153,13 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
 def _train_model(request: TrainRequest, dist: distributed.DistContext | None, device: torch.device, *,
                  observer: Observer | None, should_stop: Callable[[], bool], download_progress) -> TrainResult | None:
     from dlkit.data import DATASETS, load_dataset
-    from dlkit.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    from dlkit.engine.checkpoint import load_checkpoint, save_checkpoint
     from dlkit.models import MODELS, create_model
 
     started = time.perf_counter()
     entry = MODELS.get(request.model)
-    DATASETS.get(request.dataset)  # unknown names fail before anything is loaded
-    cfg = resolve_train_config(request.model, request.options)
-    if dist is not None and cfg.batch_size < dist.world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
-                         f"{dist.world_size} workers", hint="raise --batch-size")
-    final = Path(request.out) if request.out else default_out(request.model, request.dataset)
-    artifacts.check_destination(final)
+    cfg, final = check_train_request(request, dist.world_size if dist else 1)
     work = artifacts.work_folder(final)
-    if request.resume and not has_checkpoint(work):
-        raise UsageError(f"nothing to resume: no checkpoint in {work}",
-                         hint="drop --resume to start a new run, or pass the --out of the interrupted run")
-    if not request.resume and work.exists():
-        raise UsageError(f"an unfinished run is in {work}",
-                         hint="add --resume to continue it, or remove that folder to start over")
 
     if dist is not None and dist.local_rank != 0:
         dist.barrier()  # local rank 0 loads (and downloads) first
@@ -170,6 +185,7 @@ def _train_model(request: TrainRequest, dist: distributed.DistContext | None, de
         if not state.completed:
             dist.barrier()  # wait for rank 0's checkpoint
             raise Interrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
+        dist.parameter_digests(model)
         return None
     work.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(work / LOG_FILE)
@@ -218,6 +234,8 @@ def _train_model(request: TrainRequest, dist: distributed.DistContext | None, de
                 hint=f"continue with: dlkit train {request.model} --dataset {request.dataset} --out {final} --resume",
             )
 
+        if dist is not None:  # every replica must hold the same weights: check and record it
+            ddp["parameter_sha256"] = dist.parameter_digests(model)
         channels_last = prepare_inference(model, device, data.spec.input_shape)
         names = list(data.spec.class_names or range(data.spec.num_classes))
         kw = dict(class_names=names, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
@@ -297,6 +315,8 @@ def evaluate_artifact(path: Path | str, *, dataset: str | None = None, split: st
     if not name:
         raise UsageError(f"{art.path} records no dataset", hint="pass --dataset")
     dev = resolve_device(device)
+    if any(t.get("cpu_only") for t in art.manifest["model"].get("transforms", [])):
+        dev = torch.device("cpu")  # int8 kernels exist for the CPU only (dlkit quantize)
     model = artifacts.load_model(art)
     state = art.manifest["data"].get("state") or {}
     data = load_dataset(name, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),

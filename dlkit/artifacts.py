@@ -14,6 +14,7 @@ written artifact. Loading reads only JSON and safetensors; any other file is ign
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -45,6 +46,41 @@ def register_rebuilder(kind: str):
         return fn
 
     return deco
+
+
+@dataclass(frozen=True)
+class WeightsCodec:
+    """How a transform stores weights that safetensors cannot hold as they are (int8 packed params):
+    ``encode(model, transform)`` returns plain tensors; ``decode(model, tensors, transform)`` loads
+    them into the rebuilt model and returns ``(missing, unexpected)`` keys. Only tensors cross it."""
+
+    encode: Callable[[Any, dict], dict]
+    decode: Callable[[Any, dict, dict], tuple]
+
+
+CODECS: Registry[WeightsCodec] = Registry("weights codec")
+
+
+def register_codec(kind: str, *, encode, decode) -> None:
+    CODECS.add(kind, WeightsCodec(encode, decode))
+
+
+def _transform_kind(kind: str) -> str:
+    """Transform ``K`` is registered by module ``dlkit.compress.K``; import it on first use."""
+    if kind not in REBUILDERS and isinstance(kind, str) and kind.isidentifier():
+        try:
+            importlib.import_module(f"dlkit.compress.{kind}")
+        except ModuleNotFoundError:
+            pass  # REBUILDERS.get reports the unknown kind
+    return kind
+
+
+def _codec(manifest: dict) -> tuple[WeightsCodec, dict] | None:
+    """The codec of the last transform that has one (None: plain safetensors of the state_dict)."""
+    for transform in reversed(manifest["model"].get("transforms", [])):
+        if _transform_kind(transform["kind"]) in CODECS:
+            return CODECS.get(transform["kind"]), transform
+    return None
 
 
 def resolve_path(arg: str, *, stdin=None) -> Path:
@@ -106,13 +142,17 @@ def check_destination(final: Path) -> None:
 def write_artifact(final: Path, model, manifest: dict, *, work: Path | None = None,
                    files: dict[str, bytes | str] | None = None) -> Path:
     """Save ``model`` and ``manifest`` (plus ``files``) as an artifact at ``final``, atomically."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     check_destination(final)
     work = work or work_folder(final)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        save_model(model, str(work / WEIGHTS))
+        codec = _codec(manifest)
+        if codec is None:
+            save_model(model, str(work / WEIGHTS))
+        else:
+            save_file(codec[0].encode(model, codec[1]), str(work / WEIGHTS))
         manifest = dict(manifest)
         manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)}
         for name, content in (files or {}).items():
@@ -178,6 +218,7 @@ def read_artifact(path: Path | str) -> Artifact:
 def load_model(artifact: Artifact, *, verify: bool = True):
     """Rebuild the artifact's model and load its weights. Only JSON and safetensors are read."""
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
     from safetensors.torch import load_model as st_load_model
 
     from dlkit.models import build_model
@@ -195,10 +236,14 @@ def load_model(artifact: Artifact, *, verify: bool = True):
     model_doc = artifact.manifest["model"]
     model = build_model(model_doc["name"], model_doc["config"], artifact.spec)
     for transform in model_doc.get("transforms", []):
-        model = REBUILDERS.get(transform["kind"])(model, transform)
+        model = REBUILDERS.get(_transform_kind(transform["kind"]))(model, transform)
+    codec = _codec(artifact.manifest)
     try:
-        missing, unexpected = st_load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if codec is None:
+            missing, unexpected = st_load_model(model, str(weights), strict=False)
+        else:
+            missing, unexpected = codec[0].decode(model, load_file(str(weights)), codec[1])
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ArtifactError(f"{weights} cannot be loaded: {str(exc).splitlines()[0]}",
                             hint="the artifact is corrupted or was written by an incompatible dlkit") from None
     if missing or unexpected:

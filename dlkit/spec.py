@@ -72,4 +72,7 @@ STANDARD_SPECS: dict[str, DataSpec] = {
     "cifar10": DataSpec(IMAGE, (3, 32, 32), 10),
     "imagenet": DataSpec(IMAGE, (3, 224, 224), 1000),
     "imdb": DataSpec(TEXT, (100,), 2, vocab_size=10000),
+    # SST-2 sentences as BERT's WordPiece ids (bert-base) and as GPT-2's BPE ids (gpt2).
+    "sst2-bert": DataSpec(TEXT, (128,), 2, vocab_size=30522),
+    "sst2-gpt2": DataSpec(TEXT, (128,), 2, vocab_size=50257),
 }

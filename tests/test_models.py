@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from dlkit.config import to_dict
+from dlkit.engine.trainer import TrainConfig
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.models import MODELS, build_model, create_model
 from dlkit.spec import IMAGE, STANDARD_SPECS, TEXT, DataSpec
 
-TRAIN_KEYS = {"optimizer", "lr", "weight_decay", "epochs", "batch_size", "schedule", "warmup"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 TEXT_SPEC = DataSpec(TEXT, (12,), 4, vocab_size=50)
 MNIST = DataSpec(IMAGE, (1, 28, 28), 10)
 CIFAR = DataSpec(IMAGE, (3, 32, 32), 10)

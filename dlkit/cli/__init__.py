@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from dlkit import __version__
-from dlkit.cli import datasets, evaluate, models, train
+from dlkit.cli import compare, datasets, evaluate, models, prune, run, train
+from dlkit.cli import profile
+from dlkit.cli import quantize
 
 app = typer.Typer(
     name="dlkit",
@@ -37,6 +39,11 @@ app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("models")(models.models)
 app.command("datasets")(datasets.datasets)
+app.command("profile")(profile.profile)
+app.command("prune")(prune.prune)
+app.command("quantize")(quantize.quantize)
+app.command("compare")(compare.compare)
+app.command("run")(run.run)
 
 
 def main() -> None:

@@ -18,6 +18,9 @@ def evaluate(
                                                    "same shape [default: the artifact's own].")] = None,
     split: Annotated[Literal[SPLITS], typer.Option(help="Which split.")] = "test",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's files.")] = None,
+    data_file: Annotated[Optional[Path], typer.Option(help="Text artifacts: evaluate on every row of this "
+                                                      "file (same columns) instead of the training file's "
+                                                      "test split.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 1024,
     plot: Annotated[Optional[Path], typer.Option(help="Write the confusion matrix as a PNG here.")] = None,
     device: DeviceOpt = "auto",
@@ -37,7 +40,8 @@ def evaluate(
     try:
         res = evaluate_artifact(resolve_path(artifact), dataset=dataset, split=split,
                                 data_dir=str(data_dir) if data_dir else None, device=device,
-                                batch_size=batch_size, plot=plot, download_progress=downloads)
+                                batch_size=batch_size, plot=plot, download_progress=downloads,
+                                data_file=str(data_file.expanduser().resolve()) if data_file else None)
     finally:
         downloads.close()
     if not quiet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -24,10 +25,22 @@ def train(
                                                      rich_help_panel=DATA)] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the training set held out for validation.",
                                                 rich_help_panel=DATA)] = 0.1,
+    data_file: Annotated[Optional[Path], typer.Option(help="Your own labelled text (.csv, .tsv, .jsonl); "
+                                                      "implies --dataset text-csv.", rich_help_panel=DATA)] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Column of --data-file holding the text "
+                                                       "[default: text].", rich_help_panel=DATA)] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Column of --data-file holding the label "
+                                                        "[default: label].", rich_help_panel=DATA)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Text: vocabulary size, padding and unknown "
+                                                      "included [default: 10000].", rich_help_panel=DATA)] = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Text: tokens kept per text; longer texts are "
+                                                   "truncated [default: 100].", rich_help_panel=DATA)] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Model config override key=value "
                                                       "(repeatable), e.g. --set hidden=256 --set channels=16,32.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.", rich_help_panel=TRAIN)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Samples per step.", rich_help_panel=TRAIN)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per optimizer step over all workers (the global "
+                                                      "batch; with --nproc N each worker takes about 1/N of it).",
+                                                      rich_help_panel=TRAIN)] = None,
     optimizer: Annotated[Optional[Literal[OPTIMIZERS]], typer.Option(help="sgd uses momentum 0.9 (Nesterov).",
                                                      rich_help_panel=TRAIN)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = None,
@@ -49,6 +62,9 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create "
                                                 "[default: runs/MODEL-DATASET-TIME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run whose --out is given.")] = False,
+    nproc: Annotated[int, typer.Option(help="Local worker processes for distributed data parallel (torch.distributed, "
+                                       "elastic launcher; gloo on CPU, nccl on CUDA). --batch-size and --lr keep "
+                                       "their meaning. Under torchrun, leave it out.", min=1)] = 1,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
@@ -59,13 +75,16 @@ def train(
 
     Ctrl-C (or SIGTERM) saves a checkpoint; run the same command with --resume to continue.
     """
-    from dlkit.api import TrainRequest, train_model
-    from dlkit.cli.progress import DownloadProgress, TrainProgress
+    from dlkit.api import TrainRequest
     from dlkit.config import parse_assignments
-    from dlkit.engine.signals import stop_on_signals
     from dlkit.errors import UsageError
     from dlkit.models import MODELS
 
+    if data_file is not None:
+        if dataset not in (None, "text-csv"):
+            raise UsageError(f"--data-file is for dataset text-csv, not '{dataset}'",
+                             hint="drop --dataset, or drop --data-file")
+        dataset = "text-csv"
     if dataset is None:
         dataset = MODELS.get(model).default_dataset
         from dlkit.data import DATASETS
@@ -75,21 +94,81 @@ def train(
     options = dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                    momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip,
                    label_smoothing=label_smoothing, precision=precision, augment=augment)
+    data_options = {k: v for k, v in dict(
+        data_file=str(data_file.expanduser().resolve()) if data_file else None, text_column=text_column,
+        label_column=label_column, vocab_size=vocab_size, max_len=max_len).items() if v is not None}
     request = TrainRequest(model=model, dataset=dataset, overrides=parse_assignments(set_), options=options,
                            data_dir=str(data_dir) if data_dir else None, val_fraction=val_fraction, out=out,
-                           resume=resume, seed=seed, device=device)
-    downloads = DownloadProgress(quiet)
-    with TrainProgress(quiet, f"{model}/{dataset}") as progress, stop_on_signals() as stop:
-        try:
-            result = train_model(request, observer=progress, should_stop=stop, download_progress=downloads)
-        finally:
-            downloads.close()
+                           resume=resume, seed=seed, device=device, data_options=data_options)
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        result = _launch(request, nproc, quiet)
+    else:
+        result = _run(request, quiet)
+    if result is None:  # a worker other than rank 0 (under torchrun): rank 0 reports
+        return
     if not quiet:
         _report(result)
     if json:
         emit_json(result.to_dict())
     else:
         emit_path(result.artifact)
+
+
+def _run(request, quiet: bool):
+    """Train in this process: a plain run, or one worker of a distributed run (rank 0 shows progress)."""
+    from dlkit.api import train_model
+    from dlkit.cli.common import setup_logging
+    from dlkit.cli.progress import DownloadProgress, TrainProgress
+    from dlkit.engine.signals import stop_on_signals
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dlkit.engine.distributed import worker_stop_signals as stop_on_signals  # noqa: F811
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            quiet = True
+            setup_logging(True)
+    downloads = DownloadProgress(quiet)
+    with TrainProgress(quiet, f"{request.model}/{request.dataset}") as progress, stop_on_signals() as stop:
+        try:
+            return train_model(request, observer=progress, should_stop=stop, download_progress=downloads)
+        finally:
+            downloads.close()
+
+
+def _worker(request, quiet: bool):
+    """The entry point of a --nproc worker (a fresh process started by the elastic launcher)."""
+    from dlkit.cli.common import setup_logging
+
+    setup_logging(quiet)
+    return _run(request, quiet)
+
+
+def _launch(request, nproc: int, quiet: bool):
+    """--nproc N: check what can be checked here, run N workers, return rank 0's result."""
+    import logging
+    import shutil
+
+    from dlkit import artifacts
+    from dlkit.api import check_train_request
+    from dlkit.engine.checkpoint import has_checkpoint
+    from dlkit.engine.distributed import launch
+    from dlkit.errors import DlkitError, Interrupted
+
+    cfg, request.out = check_train_request(request, nproc)  # every worker uses the same --out
+    work = artifacts.work_folder(request.out)
+    logging.getLogger("dlkit").info("launching %d workers: global batch %d, about %d per worker", nproc,
+                                    cfg.batch_size, -(-cfg.batch_size // nproc))
+    try:
+        return launch(nproc, _worker, request, quiet)
+    except DlkitError as exc:
+        resume = f"dlkit train {request.model} --dataset {request.dataset} --out {request.out} --nproc {nproc} --resume"
+        if has_checkpoint(work):
+            exc.hint = f"a checkpoint is kept in {work}; continue with: {resume}"
+        elif not request.resume:
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping: leave no half-written run
+        if isinstance(exc, Interrupted) and not exc.message.startswith("stopped"):
+            exc.message = f"interrupted ({exc.message})"
+        raise
 
 
 def _report(result) -> None:
@@ -109,5 +188,10 @@ def _report(result) -> None:
     table.add_row("samples/s (last epoch)", f"{result.manifest['metrics']['samples_per_s']:,.0f}")
     table.add_row("setup", f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.precision}, "
                   f"{result.device}")
+    ddp = result.distributed
+    if ddp:
+        table.add_row("distributed", f"{ddp['world_size']} workers ({ddp['backend']}), global batch "
+                      f"{ddp['global_batch']} = {ddp['world_size']} x ~{ddp['batch_per_worker']}, lr not scaled, "
+                      f"{ddp['threads']} threads/worker")
     table.add_row("artifact", str(result.artifact))
     err.print(table)

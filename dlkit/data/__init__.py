@@ -23,6 +23,8 @@ from dlkit.errors import DataError, UsageError
 from dlkit.spec import DataSpec
 
 from dlkit.data import vision  # noqa: E402,F401  (registers digits, mnist, fashion-mnist)
+from dlkit.data import cifar  # noqa: E402,F401  (registers cifar10)
+from dlkit.data import text  # noqa: E402,F401  (registers imdb, text-csv; see text.py for the tokenizer)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -33,7 +35,7 @@ STATE_VERSION = 1
 
 __all__ = [
     "DATASETS", "DataBundle", "DatasetEntry", "RawData", "dataset_names", "load_dataset",
-    "locate_dataset", "register_dataset",
+    "locate_dataset", "register_dataset", "split_indices",
 ]
 
 
@@ -47,7 +49,8 @@ class DataBundle:
     val: "tuple[Tensor, Tensor]"
     test: "tuple[Tensor, Tensor]"
     source: str
-    # JSON-able: dataset, scale, mean, std, val_fraction, seed, num_train (see load_dataset)
+    # JSON-able: dataset, scale, mean, std, val_fraction, seed, num_train (see load_dataset);
+    # text: dataset, val_fraction, seed, num_train, labels, tokenizer (vocab, max_len), file...
     state: dict
 
 
@@ -69,6 +72,7 @@ def load_dataset(
     download: bool = True,
     state: dict | None = None,
     progress: Callable[[int, int | None, str], None] | None = None,
+    options: dict | None = None,
 ) -> DataBundle:
     """Load a registered dataset as normalized tensors with train/val/test splits.
 
@@ -80,10 +84,22 @@ def load_dataset(
     val_fraction and seed are used instead, so the result is identical.
 
     ``progress(done_bytes, total_bytes_or_None, file_name)`` is called while downloading.
+
+    Text datasets (``entry.load``) return int64 token ids ``(N, max_len)``, right-padded with 0,
+    and are not normalized; ``options`` carries their settings (``vocab_size``, ``max_len``,
+    ``data_file``, ...; see ``dlkit.data.text``) and ``state`` their vocabulary.
     """
     import torch
 
     entry = DATASETS.get(name)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if entry.load is not None:
+        _check_split_args(val_fraction, seed)
+        return entry.load(data_dir=data_dir, val_fraction=val_fraction, seed=seed, download=download,
+                          state=state, progress=progress, options=options)
+    if options:
+        raise UsageError(f"dataset '{name}' takes no data options ({', '.join(sorted(options))})",
+                         hint="--data-file, --vocab-size and the like are for text datasets")
     if state is not None:
         scale, mean, std, val_fraction, seed = _read_state(state, name, entry.spec)
     _check_split_args(val_fraction, seed)
@@ -99,15 +115,8 @@ def load_dataset(
                     "the validation split will differ", name, len(raw.x_train), state["num_train"])
 
     n = len(raw.x_train)
-    n_val = int(round(val_fraction * n))
-    if n and n_val >= n:
-        raise UsageError(f"val_fraction={val_fraction} leaves no training samples out of {n}",
-                         hint="use a smaller val_fraction")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[perm[:n_val]] = True
-    val_idx = is_val.nonzero().squeeze(1)  # both splits keep the original order
-    train_idx = (~is_val).nonzero().squeeze(1)
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
+    n_val = len(val_idx)
     y_all = raw.y_train.to(torch.int64)
     # Select before converting: gathering uint8 is 4x cheaper than gathering float32.
     x_train = raw.x_train if n_val == 0 else raw.x_train[train_idx]
@@ -131,6 +140,21 @@ def load_dataset(
         source=raw.source,
         state=new_state,
     )
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> "tuple[Tensor, Tensor]":
+    """``(train_idx, val_idx)``: ``round(val_fraction * n)`` samples chosen by ``torch.randperm``
+    seeded with ``seed`` go to validation; both index lists keep the original order."""
+    import torch
+
+    n_val = int(round(val_fraction * n))
+    if n and n_val >= n:
+        raise UsageError(f"val_fraction={val_fraction} leaves no training samples out of {n}",
+                         hint="use a smaller val_fraction")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[perm[:n_val]] = True
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
 def channel_stats(x: "Tensor", scale: float = 1.0) -> tuple[list[float], list[float]]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dlkit.registry import Registry
 from dlkit.spec import DataSpec
@@ -38,6 +38,14 @@ class DatasetEntry:
     locate: Callable[[Path | None], str | None]
     # Name of a batch augmentation that suits this data ("hflip"), or None.
     augment: str | None = None
+    # Text datasets: load(data_dir=, val_fraction=, seed=, download=, state=, progress=, options=)
+    # returns the whole DataBundle (tokenized), replacing fetch + image normalization.
+    load: Callable[..., Any] | None = None
+    # Names of the data options ``load`` accepts (--vocab-size -> "vocab_size", ...).
+    options: tuple[str, ...] = ()
+    # Training options that depend on the data's size (a small set wants smaller batches and more
+    # epochs); applied over the model's own defaults, under what the user gives.
+    train_defaults: dict = field(default_factory=dict)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset", list_command="dlkit datasets")

@@ -191,6 +191,8 @@ register_dataset(DatasetEntry(
     name="digits", spec=DIGITS_SPEC,
     description="8x8 handwritten digits bundled with scikit-learn (1438 train / 359 test)",
     fetch=_fetch_digits, locate=_locate_digits,
+    # 1294 training samples: batches of 128 would give ~10 steps an epoch.
+    train_defaults={"batch_size": 32, "epochs": 30},
 ))
 register_dataset(_idx_entry(
     "mnist", lambda: MNIST, MNIST_SPEC, "28x28 handwritten digits (60000 train / 10000 test)",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlkit.device import autocast, check_precision, uses_channels_last
+from dlkit.engine.distributed import DistContext
 from dlkit.engine.evaluate import predict_logits
 from dlkit.engine.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer, param_groups
 from dlkit.errors import TrainingError, UsageError
@@ -120,8 +121,14 @@ def fit(
     optimizer_state: dict | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_epoch_end: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
+    dist: DistContext | None = None,
 ) -> tuple[TrainState, torch.optim.Optimizer]:
-    """Train ``model`` in place. Returns the final state (``completed`` False if stopped early)."""
+    """Train ``model`` in place. Returns the final state (``completed`` False if stopped early).
+
+    With ``dist`` (a worker of a distributed run, see engine.distributed) the model is wrapped in
+    DistributedDataParallel, each rank trains on its part of every global batch, and the numbers
+    in the state and the records are summed over ranks; without it nothing changes.
+    """
     cfg.validate()
     observer = observer or Observer()
     state = state or TrainState()
@@ -141,17 +148,25 @@ def fit(
                                weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    net = dist.wrap(model, device) if dist else model
     observer.on_start(total_steps=total_steps, done_steps=state.step, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
     sync_every = 1 if device.type == "cpu" else 25
 
     while state.epoch < cfg.epochs:
-        model.train()
+        net.train()
         perm = epoch_permutation(n, seed, state.epoch)
+        if dist is not None:  # per-rank random streams (dropout, flips), reproducible on resume
+            torch.manual_seed(seed * 1_000_003 + state.epoch * 10_007 + state.batch * 101 + dist.rank)
+            if not dist.is_main:  # the checkpoint holds the sums over all ranks: count them once
+                state.loss_sum, state.correct, state.seen = 0.0, 0, 0
         loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
         correct = torch.tensor(state.correct, device=device)
         t0 = time.perf_counter() - state.elapsed
         for b in range(state.batch, steps_per_epoch):
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            if dist is not None:
+                global_n = len(idx)
+                idx, weight = dist.shard(idx)
             xb = x_train[idx].to(device, non_blocking=True)
             yb = y_train[idx].to(device, non_blocking=True)
             if aug is not None:
@@ -162,10 +177,19 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device, cfg.precision):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                logits = net(xb)
+            if dist is None:
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                objective = loss
+            else:  # DDP averages over ranks: scale so the result is the mean over the global batch
+                losses = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="none")
+                loss = losses.mean()
+                objective = losses.sum() * (weight * dist.world_size / global_n)
+                if weight == 0:
+                    idx = idx[:0]
+                    logits, yb = logits[:0], yb[:0]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -174,42 +198,66 @@ def fit(
             state.seen += len(idx)
             state.batch = b + 1
             state.step += 1
+            if dist is not None:
+                dist.test_hook(state.step)
             if state.step % sync_every == 0 or b + 1 == steps_per_epoch:
                 value = loss.item()
+                seen, total_loss, total_correct = state.seen, loss_sum.item(), correct.item()
+                if dist is not None:  # every rank reduces here (same steps), so all see the same
+                    seen, total_loss, total_correct, bad = dist.all_sum(
+                        [seen, total_loss, total_correct, float(not math.isfinite(value))], device)
+                    value = value if bad == 0 else float("nan")
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"the loss became {value} at epoch {state.epoch + 1}, step {state.step}",
                         hint=f"lower --lr (it was {lr:.3g}), add --grad-clip 1.0, or train in fp32",
                     )
                 elapsed = time.perf_counter() - t0
-                observer.on_step(step=state.step, epoch=state.epoch, loss=loss_sum.item() / state.seen,
-                                 accuracy=correct.item() / state.seen, samples_per_s=state.seen / max(elapsed, 1e-9), lr=lr)
-            if should_stop() and state.batch < steps_per_epoch:
+                observer.on_step(step=state.step, epoch=state.epoch, loss=total_loss / seen,
+                                 accuracy=total_correct / seen, samples_per_s=seen / max(elapsed, 1e-9), lr=lr)
+            stop = should_stop() if dist is None else dist.any(should_stop(), device)
+            if stop and state.batch < steps_per_epoch:
                 state.loss_sum, state.correct = loss_sum.item(), int(correct.item())
+                if dist is not None:  # the checkpoint keeps the sums over all ranks
+                    seen, state.loss_sum, total_correct = dist.all_sum([state.seen, state.loss_sum, state.correct], device)
+                    state.seen, state.correct = int(seen), int(total_correct)
                 state.elapsed = time.perf_counter() - t0
                 return state, optimizer
         elapsed = time.perf_counter() - t0
+        if dist is not None:
+            seen, loss_total, correct_total = dist.all_sum([state.seen, loss_sum.item(), correct.item()], device)
+            state.seen = int(seen)
+        else:
+            loss_total, correct_total = loss_sum.item(), correct.item()
         record = {
             "epoch": state.epoch + 1,
             "step": state.step,
             "lr": lr,
-            "train_loss": loss_sum.item() / state.seen,
-            "train_accuracy": correct.item() / state.seen,
+            "train_loss": loss_total / state.seen,
+            "train_accuracy": correct_total / state.seen,
             "samples_per_s": state.seen / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
         }
-        if len(val[0]):
+        if len(val[0]) and dist is None:
             logits = predict_logits(model, val[0], batch_size=cfg.eval_batch_size, device=device,
                                     precision=cfg.precision, channels_last=channels_last)
             record["val_loss"] = F.cross_entropy(logits, val[1]).item()
             record["val_accuracy"] = (logits.argmax(1) == val[1]).double().mean().item()
+        elif len(val[0]):  # each rank scores its share of the validation set; the sums are reduced
+            xv, yv = val[0][dist.rank :: dist.world_size], val[1][dist.rank :: dist.world_size]
+            logits = predict_logits(model, xv, batch_size=cfg.eval_batch_size, device=device,
+                                    precision=cfg.precision, channels_last=channels_last)
+            loss_v, correct_v = F.cross_entropy(logits, yv, reduction="sum").item(), (logits.argmax(1) == yv).sum().item()
+            loss_v, correct_v = dist.all_sum([loss_v, correct_v], device)
+            record["val_loss"], record["val_accuracy"] = loss_v / len(val[0]), correct_v / len(val[0])
         state.history.append(record)
         state.epoch += 1
         state.batch, state.seen, state.loss_sum, state.correct, state.elapsed = 0, 0, 0.0, 0, 0.0
         observer.on_epoch(record)
         if on_epoch_end is not None and state.epoch < cfg.epochs:
             on_epoch_end(state, optimizer)
-        if should_stop() and state.epoch < cfg.epochs:
+        stop = should_stop() if dist is None else dist.any(should_stop(), device)
+        if stop and state.epoch < cfg.epochs:
             return state, optimizer
     state.completed = True
     return state, optimizer

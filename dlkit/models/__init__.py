@@ -4,5 +4,6 @@ from dlkit.models.registry import MODELS, ModelEntry, build_model, create_model,
 
 # Each import registers that family's names.
 from dlkit.models import mlp, cnn, resnet, vgg, rnn, transformer  # noqa: E402,F401
+from dlkit.models import vit, bert, gpt  # noqa: E402,F401  (published presets)
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "create_model", "register_model"]

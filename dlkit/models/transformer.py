@@ -197,10 +197,3 @@ def transformer() -> TransformerConfig:
 def transformer_small() -> TransformerConfig:
     """Small transformer encoder: dim 128, 4 blocks, 4 heads, FFN 256."""
     return TransformerConfig(dim=128, depth=4, heads=4, ffn_dim=256)
-
-
-@register_model(family="transformer", build=Transformer, modalities=(TEXT,), default_dataset="imdb",
-                train_defaults=dict(TRAIN, lr=1e-4, weight_decay=0.01, epochs=3, batch_size=32))
-def bert_base() -> TransformerConfig:
-    """BERT-base-sized encoder: dim 768, 12 blocks, 12 heads, FFN 3072 (vocab from the data)."""
-    return TransformerConfig(dim=768, depth=12, heads=12, ffn_dim=3072, max_len=512)

@@ -1,0 +1,179 @@
+"""dlkit quantize on Fashion-MNIST artifacts: size, latency and accuracy before and after, per mode.
+
+Trains small baselines with dlkit.api.train_model (few epochs; cached in runs/bench-quantize/ so a
+second run only measures), quantizes each with every mode its family can take, and reports what
+quantize_artifact measured: file size, quantized-layer bytes, median latency at batch 1, 64 and
+256 (float and quantized timed in alternation, same process), test accuracy (on the first
+--eval-samples test images).
+
+    python benchmarks/quantize.py [--repeats 7] [--eval-samples 2000] [--retrain] [--qat] [--models cnn,mlp]
+
+Targets (issue 5): static int8 cnn and resnet20 >= 4x faster at batch 256 within 0.5 point;
+dynamic int8 mlp, lstm, transformer: quantized layers 4x smaller, >= 1.3x faster at batch >= 64,
+within 0.5 point; fp16/bf16 halve the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from common import print_table, write_json
+
+CACHE = Path(__file__).resolve().parent.parent / "runs" / "bench-quantize"
+# model: (epochs, training samples (None: train_model on the whole split), modes). The costly
+# models train briefly on a subset (dlkit's engine, `fit`, then an ordinary artifact) so the script
+# fits in about 15 minutes on a loaded 2-core machine: these baselines are weaker than fully
+# trained ones, which matters for the accuracy column only.
+BASELINES = {
+    "cnn": (1, 8000, ["static", "dynamic", "fp16", "bf16"]),
+    "mlp": (2, None, ["dynamic", "static", "fp16", "bf16"]),
+    "lstm": (2, 8000, ["dynamic", "fp16"]),
+    "transformer": (2, 8000, ["dynamic", "bf16"]),
+    "resnet20": (1, 3000, ["static", "fp16"]),
+}
+BATCHES = (1, 64, 256)
+
+
+def baseline(model: str, epochs: int, samples: int | None, retrain: bool) -> Path:
+    out = CACHE / model
+    if out.exists() and not retrain:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    t = time.perf_counter()
+    acc = (train_full if samples is None else train_subset)(model, epochs, samples, out)
+    print(f"trained {model} ({epochs} epochs, {samples or 'all'} samples) in {time.perf_counter() - t:.0f} s: "
+          f"test accuracy {100 * acc:.2f}%", flush=True)
+    return out
+
+
+def train_full(model: str, epochs: int, samples, out: Path) -> float:
+    from dlkit.api import TrainRequest, train_model
+
+    return train_model(TrainRequest(model=model, dataset="fashion-mnist", options={"epochs": epochs}, out=out,
+                                    device="cpu")).test.accuracy
+
+
+def train_subset(model: str, epochs: int, samples: int, out: Path) -> float:
+    """dlkit's training loop on the first ``samples`` training images, saved as an ordinary artifact."""
+    import dataclasses
+
+    from dlkit import artifacts
+    from dlkit.api import resolve_train_config
+    from dlkit.config import to_dict
+    from dlkit.data import load_dataset
+    from dlkit.engine.evaluate import evaluate_model
+    from dlkit.engine.trainer import fit
+    from dlkit.models import MODELS, create_model
+
+    data = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)
+    torch.manual_seed(0)
+    net, cfg_model = create_model(model, data.spec)
+    cfg = resolve_train_config(model, {"epochs": epochs})
+    x, y = data.train
+    fit(net, (x[:samples], y[:samples]), (x[:0], y[:0]), cfg, device=torch.device("cpu"), seed=0,
+        augment="hflip")
+    net.eval().to(memory_format=torch.contiguous_format)
+    test = evaluate_model(net, *data.test, class_names=list(range(10)), split="test", batch_size=512)
+    manifest = artifacts.new_manifest(model_name=model, family=MODELS.get(model).family, config=to_dict(cfg_model),
+                                      spec=data.spec, dataset="fashion-mnist", data_state=data.state, seed=0)
+    options = {"train_config": dataclasses.asdict(cfg), "train_samples": samples, "val_fraction": 0.1}
+    manifest["lineage"].append(artifacts.lineage_step("train", options, {"test_accuracy": test.accuracy}))
+    manifest["metrics"] = {"test_accuracy": test.accuracy}
+    artifacts.write_artifact(out, net, manifest)
+    return test.accuracy
+
+
+def target(model: str, mode: str, r: dict) -> tuple[str, bool | None]:
+    """The issue's target for this row, and whether it was met (None: no target)."""
+    acc_ok = abs(r["accuracy_change_points"]) <= 0.5
+    if mode == "static" and model in ("cnn", "resnet20"):
+        return ">=4x @256, <=0.5pt", r["speedup_batch256"] >= 4 and acc_ok
+    if mode == "dynamic" and model in ("mlp", "lstm", "transformer"):
+        ok = r["layers"] >= 4 * 0.999 and min(r["speedup_batch64"], r["speedup_batch256"]) >= 1.3 and acc_ok
+        return "layers 4x, >=1.3x @64/256, <=0.5pt", ok
+    if mode in ("fp16", "bf16"):
+        return "size 2x", r["size"] >= 1.95
+    return "", None
+
+
+def recommend(rows: list[dict]) -> dict[str, str]:
+    """Per family: the fastest mode at batch 256 within 0.5 point; if none is faster than fp32,
+    the smallest file within 0.5 point."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ok = [r for r in rows if r["model"] == model and abs(r["ratios"]["accuracy_change_points"]) <= 0.5]
+        fast = [r for r in ok if r["ratios"]["speedup_batch256"] > 1.1]
+        if fast:
+            best = max(fast, key=lambda r: r["ratios"]["speedup_batch256"])
+            out[model] = (f"{best['mode']} ({best['ratios']['speedup_batch256']:.1f}x faster at batch 256, "
+                          f"{best['ratios']['size']:.1f}x smaller)")
+        elif ok:
+            best = max(ok, key=lambda r: r["ratios"]["size"])
+            out[model] = (f"{best['mode']} for size only ({best['ratios']['size']:.1f}x smaller; "
+                          f"no mode was faster than fp32 at batch 256)")
+        else:
+            out[model] = "keep fp32 (every mode lost more than 0.5 point)"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--qat", action="store_true", help="also run qat (1 epoch) on cnn")
+    ap.add_argument("--models", default=",".join(BASELINES))
+    ap.add_argument("--eval-samples", type=int, default=2000, help="test samples for accuracy (10000: all)")
+    args = ap.parse_args()
+
+    from dlkit.compress.quantize import quantize_artifact
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results, table = [], []
+    for model in args.models.split(","):
+        epochs, samples, modes = BASELINES[model]
+        if args.qat and model == "cnn":
+            modes = modes + ["qat"]
+        src = baseline(model, epochs, samples, args.retrain)
+        for mode in modes:
+            out = CACHE / "quantized" / f"{model}-{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            res = quantize_artifact(src, mode, out=out, repeats=args.repeats, batches=BATCHES, epochs=1,
+                                    eval_samples=args.eval_samples)
+            doc = res.to_dict()
+            r = doc["ratios"]
+            goal, met = target(model, mode, r)
+            doc["target"], doc["target_met"] = goal, met
+            results.append(doc)
+            b, a = res.before, res.after
+            table.append([
+                model, mode, f"{b.file_bytes / 1024:.0f}->{a.file_bytes / 1024:.0f} KiB", f"{r['size']:.2f}x",
+                f"{r['layers']:.2f}x",
+                *[f"{b.latency_ms[n]:.2f}->{a.latency_ms[n]:.2f} ({r[f'speedup_batch{n}']:.2f}x)" for n in BATCHES],
+                f"{100 * b.accuracy:.2f}->{100 * a.accuracy:.2f} ({r['accuracy_change_points']:+.2f})",
+                "yes" if res.verified else "NO", goal + (": " + ("met" if met else "MISSED") if goal else ""),
+            ])
+            print(f"{model} {mode}: done ({res.seconds:.0f} s)", flush=True)
+    print_table("dlkit quantize on Fashion-MNIST (latency: median ms, float -> quantized, speedup; "
+                "shared 2-core machine under load: absolute ms are noisy, ratios timed side by side)",
+                ["model", "mode", "file", "size", "q-layers", *[f"batch {n}" for n in BATCHES], "test acc %",
+                 "reload exact", "target"], table)
+    rec = recommend(results)
+    print("\nrecommended mode per family (from these numbers):")
+    for model, text in rec.items():
+        print(f"  {model}: {text}")
+    write_json("quantize", {"results": results, "baselines": {m: {"epochs": e, "train_samples": n or "all"}
+                                                             for m, (e, n, _) in BASELINES.items()},
+                            "eval_samples": args.eval_samples, "recommended": rec, "batches": list(BATCHES),
+                            "repeats": args.repeats, "seconds": time.perf_counter() - started,
+                            "note": "machine shared with other jobs while measured"})
+
+
+if __name__ == "__main__":
+    main()

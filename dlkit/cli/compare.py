@@ -1,0 +1,83 @@
+"""dlkit compare ARTIFACT ..."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, fail, handle_errors
+
+
+@handle_errors
+def compare(
+    artifacts: Annotated[list[str], typer.Argument(help="Artifact folders; - reads one path per line from stdin.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Write accuracy against latency and size (Pareto front "
+                                                 "marked) as a PNG here.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option(help="Exit non-zero when an artifact misses a floor, "
+                                                            "e.g. accuracy=0.9 (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option(help="The large batch for latency (batch 1 is always timed).")] = 256,
+    rounds: Annotated[int, typer.Option(help="Alternating timing rounds; medians are reported.", min=1)] = 3,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets' files.")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+    device: DeviceOpt = "cpu",
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """One row per artifact: accuracy, parameters, MACs, size on disk, latency at batch 1 and 256.
+
+    Every number is measured in this run and also given as a ratio to the first artifact.
+    """
+    from dlkit.compare import compare_artifacts, parse_floors, plot_compare, to_csv
+    from dlkit.errors import UsageError
+
+    if json and csv:
+        raise UsageError("--json and --csv are exclusive", hint="pick one")
+    paths = []
+    for a in artifacts:
+        if a == "-":
+            paths += [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+        else:
+            paths.append(a)
+    if not paths:
+        raise UsageError("no artifacts to compare", hint="pass folders, or pipe paths into -")
+    floors = parse_floors(fail_under)
+    batches = tuple(sorted({1, batch_size}))
+    if not quiet:
+        err.print(f"measuring {len(paths)} artifact(s): accuracy, MACs, latency at batch {', '.join(map(str, batches))}...")
+    result = compare_artifacts([Path(p) for p in paths], batches=batches, rounds=rounds, floors=floors,
+                               data_dir=str(data_dir) if data_dir else None, device=device)
+    if plot is not None:
+        plot_compare(result, plot)
+    if not quiet:
+        render(result)
+        if plot is not None:
+            err.print(f"plot: {plot}")
+    if json:
+        emit_json(result.to_dict())
+    elif csv:
+        sys.stdout.write(to_csv(result))
+    if result.failures:
+        raise fail(f"{len(result.failures)} artifact(s) below the floor: " + "; ".join(result.failures),
+                   hint="see the table above")
+
+
+def render(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"compare ({result.device}, {result.threads} threads; ratios to the first row; "
+                  "* on the accuracy/latency Pareto front)", title_justify="left")
+    cols = ["artifact", "step", "test acc", "params", "MACs", "size", *[f"latency b{b}" for b in result.batches]]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("artifact", "step") else "right")
+    for r in result.rows:
+        q = r.ratios
+        table.add_row(
+            ("* " if r.pareto.get("latency") else "  ") + Path(r.artifact).name, r.step,
+            f"{100 * r.accuracy:.2f}% ({q['accuracy']:.3f}x)", f"{r.params:,} ({q['params']:.2f}x)",
+            f"{r.macs / 1e6:,.2f}M ({q['macs']:.2f}x)", f"{r.size_bytes / 1e6:.2f} MB ({q['size']:.2f}x)",
+            *[f"{r.latency_ms[b]:.2f} ms ({q[f'speedup_b{b}']:.2f}x faster)" for b in result.batches])
+    err.print(table)

@@ -1,0 +1,82 @@
+"""dlkit quantize ARTIFACT --mode dynamic|static|qat|fp16|bf16"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, fmt_int, fmt_pct, \
+    handle_errors
+
+MODES = ("dynamic", "static", "qat", "fp16", "bf16")  # dlkit.compress.quantize.MODES (no torch here)
+BACKENDS = ("x86", "onednn", "fbgemm", "qnnpack")
+
+
+@handle_errors
+def quantize(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder, or - to read its path from stdin.")],
+    mode: Annotated[Literal[MODES], typer.Option("--mode", "-m", help="dynamic: int8 weights of Linear/LSTM/GRU; "
+                                                 "static: int8 weights and activations, calibrated; qat: static "
+                                                 "after quantization-aware fine-tuning; fp16/bf16: half-size "
+                                                 "weights, fp32 compute.")] = "dynamic",
+    calib_batches: Annotated[int, typer.Option(help="static: training batches (of 128) to calibrate on.")] = 8,
+    epochs: Annotated[int, typer.Option(help="qat: fine-tuning epochs.")] = 1,
+    lr: Annotated[Optional[float], typer.Option(help="qat: learning rate [default: 5% of the training lr].")] = None,
+    backend: Annotated[Literal[BACKENDS], typer.Option(help="int8 kernels to pack for.")] = "x86",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the artifact's dataset.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per latency (batch 1: 5x as many); medians reported.")] = 10,
+    eval_samples: Annotated[Optional[int], typer.Option(help="Measure accuracy on the first N test samples "
+                                                        "[default: all].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create "
+                                                "[default: ARTIFACT-int8-MODE or ARTIFACT-fp16/bf16].")] = None,
+    seed: SeedOpt = 0,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Quantize an artifact; report size, latency and accuracy before and after; print the new path.
+
+    int8 models run on the CPU. The new artifact holds plain tensors (no pickle) and reloads to
+    the same outputs.
+    """
+    from dlkit.artifacts import resolve_path
+    from dlkit.compress.quantize import quantize_artifact
+
+    res = quantize_artifact(resolve_path(artifact), mode, backend=backend, calib_batches=calib_batches,
+                            epochs=epochs, lr=lr, out=out, data_dir=str(data_dir) if data_dir else None,
+                            repeats=repeats, eval_samples=eval_samples, seed=seed)
+    if not quiet:
+        _report(res)
+    if json:
+        emit_json(res.to_dict())
+    else:
+        emit_path(res.artifact)
+
+
+def _report(res) -> None:
+    from rich.table import Table
+
+    b, a, r = res.before, res.after, res.ratios()
+    table = Table(title=f"{res.model}: {res.mode}" + (f" ({res.backend})" if res.backend else "")
+                  + f", compute {res.compute}", title_justify="left")
+    for col in ("", "before", "after", "ratio", ""):
+        table.add_column(col, justify="left" if col == "" else "right")
+    table.add_row("size on disk (bytes)", fmt_int(b.file_bytes), fmt_int(a.file_bytes), f"{r['size']:.2f}x smaller", "")
+    table.add_row(f"quantized layers ({len(res.quantized_layers)})", fmt_int(b.layer_bytes), fmt_int(a.layer_bytes),
+                  f"{r['layers']:.2f}x smaller", "")
+    for n in b.latency_ms:
+        speed = r[f"speedup_batch{n}"]
+        table.add_row(f"latency batch {n} (ms, median)", f"{b.latency_ms[n]:.3f}", f"{a.latency_ms[n]:.3f}",
+                      f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower",
+                      "" if speed >= 1 else "[yellow]slower[/]")
+    table.add_row(f"test accuracy ({res.test_samples:,} samples)", fmt_pct(b.accuracy), fmt_pct(a.accuracy),
+                  f"{r['accuracy_change_points']:+.2f} points", "")
+    err.print(table)
+    for note in res.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    if not res.verified:
+        err.print("[red]warning:[/] the saved artifact did not reproduce the measured outputs")
+    err.print(f"[dim]timings on this machine as it is now (shared CPUs: absolute numbers are noisy, "
+              f"ratios were timed side by side); {res.seconds:.1f} s in all[/]")

@@ -1,0 +1,73 @@
+"""dlkit run RECIPE.yaml"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, handle_errors
+
+
+@handle_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A recipe file (see recipes/).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a step's option: "
+                                                      "STEP.OPTION=VALUE, e.g. --set train.epochs=1.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate and print the plan; run nothing.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: every step's artifact goes "
+                                                "under it [default: runs/RECIPE-NAME].")] = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a recipe's steps in order; rerunning skips the steps that are already done.
+
+    Prints the run folder on stdout (or one JSON document with --json).
+    """
+    from dlkit.recipes import load_recipe, run_recipe
+
+    rec = load_recipe(recipe, set_)
+    folder = out or Path("runs") / rec.name
+    if dry_run:
+        if json:
+            emit_json({"recipe": rec.name, "folder": str(folder), "steps": rec.plan()})
+        else:
+            _plan(rec, folder, current=None)
+        return
+    total = len(rec.steps)
+
+    def on_step(index, step):
+        if not quiet:
+            _plan(rec, folder, current=index)
+
+    result = run_recipe(rec, folder, quiet=quiet, on_step=on_step)
+    if not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"{rec.name}: {total} steps in {folder}", title_justify="left")
+        for c in ("step", "command", "status", "seconds", "test accuracy", "output"):
+            table.add_column(c, justify="right" if c in ("seconds", "test accuracy") else "left")
+        for s in result.steps:
+            acc = s.result.get("test_accuracy", s.result.get("accuracy"))
+            table.add_row(s.id, s.command, s.status, f"{s.seconds:.1f}",
+                          f"{100 * acc:.2f}%" if isinstance(acc, float) else "", s.output)
+        err.print(table)
+    if json:
+        emit_json(result.to_dict())
+    else:
+        emit_path(folder)
+
+
+def _plan(rec, folder, current) -> None:
+    """The whole plan (dry run), or the line of the step starting now."""
+    if current is None:
+        err.print(f"[bold]{rec.name}[/]: {len(rec.steps)} steps, run folder {folder}", highlight=False)
+    for i, step in enumerate(rec.steps):
+        if current is not None and i != current:
+            continue
+        opts = " ".join(f"{k}={v}" for k, v in step.options.items())
+        src = f" (input: {step.input})" if step.input else ""
+        prefix = f"[bold cyan]step {i + 1}/{len(rec.steps)}[/]" if current is not None else f"  {i + 1}."
+        err.print(f"{prefix} {step.id}: {step.command} {opts}{src}", highlight=False)

@@ -1,0 +1,175 @@
+"""Compare artifacts side by side: accuracy, parameters, MACs, size on disk, latency.
+
+Everything is measured in this one run (latency in alternating rounds, so machine noise hits every
+artifact alike), and each number is also given as a ratio to the first artifact.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dlkit.errors import UsageError
+
+METRICS = ("accuracy", "macro_f1")  # what --fail-under can check (higher is better)
+
+
+@dataclass
+class Row:
+    artifact: str
+    model: str
+    dataset: str | None
+    step: str  # the last step of its lineage: train, prune, quantize
+    accuracy: float
+    macro_f1: float
+    params: int
+    macs: int
+    size_bytes: int
+    latency_ms: dict[int, float]  # batch -> median milliseconds
+    ratios: dict[str, float] = field(default_factory=dict)  # to the first row
+    pareto: dict[str, bool] = field(default_factory=dict)  # on the accuracy/latency and accuracy/size fronts
+
+
+@dataclass
+class CompareResult:
+    rows: list[Row]
+    batches: tuple[int, ...]
+    device: str
+    threads: int
+    failures: list[str]
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "threads": self.threads, "batches": list(self.batches),
+                "rows": [asdict(r) for r in self.rows], "failures": self.failures}
+
+
+def parse_floors(items: list[str] | None) -> dict[str, float]:
+    floors = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in METRICS:
+            raise UsageError(f"--fail-under {item!r} is not METRIC=VALUE", hint=f"metrics: {', '.join(METRICS)}; "
+                             "e.g. --fail-under accuracy=0.9")
+        try:
+            floors[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--fail-under {item!r}: {value!r} is not a number") from None
+    return floors
+
+
+def example(spec, batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if spec.modality == "text":
+        return torch.randint(2, spec.vocab_size, (batch, *spec.input_shape), generator=g)
+    return torch.randn(batch, *spec.input_shape, generator=g)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """points are (cost, accuracy): on the front when no other point is as cheap and as accurate,
+    and strictly better in one."""
+    out = []
+    for i, (c, a) in enumerate(points):
+        dominated = any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def compare_artifacts(paths: list[Path | str], *, batches: tuple[int, ...] = (1, 256), rounds: int = 3,
+                      floors: dict[str, float] | None = None, data_dir: str | None = None,
+                      device: str = "cpu") -> CompareResult:
+    from dlkit import artifacts
+    from dlkit.api import evaluate_artifact
+    from dlkit.device import resolve_device
+    from dlkit.profiling import count_macs, measure_latency
+
+    if not paths:
+        raise UsageError("compare needs at least one artifact")
+    dev = resolve_device(device)
+    arts = [artifacts.read_artifact(p) for p in paths]
+    models, rows = [], []
+    for art in arts:
+        model = artifacts.load_model(art).to(dev).eval()
+        models.append(model)
+        ev = evaluate_artifact(art.path, data_dir=data_dir, device=str(dev)).result
+        counts = count_macs(model, example(art.spec, 1).to(dev))
+        size = sum(f.stat().st_size for f in art.path.glob("*.safetensors"))
+        step = art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"
+        rows.append(Row(str(art.path), art.model_name, art.dataset, step, ev.accuracy, ev.macro_f1,
+                        counts.params, counts.macs, size, {}))
+    samples: dict[tuple[int, int], list[float]] = {}
+    for _ in range(rounds):
+        for b in batches:
+            for i, (art, model) in enumerate(zip(arts, models)):
+                lat = measure_latency(model, example(art.spec, b).to(dev), precision=art.precision)
+                samples.setdefault((i, b), []).append(lat.median_ms)
+    for i, row in enumerate(rows):
+        row.latency_ms = {b: statistics.median(samples[(i, b)]) for b in batches}
+    first = rows[0]
+    for row in rows:
+        row.ratios = {
+            "accuracy": row.accuracy / first.accuracy if first.accuracy else float("nan"),
+            "params": row.params / first.params if first.params else float("nan"),
+            "macs": row.macs / first.macs if first.macs else float("nan"),
+            "size": row.size_bytes / first.size_bytes if first.size_bytes else float("nan"),
+            **{f"speedup_b{b}": first.latency_ms[b] / row.latency_ms[b] for b in batches},
+        }
+    big = max(batches)
+    for key, costs in (("latency", [r.latency_ms[big] for r in rows]), ("size", [r.size_bytes for r in rows])):
+        for row, on in zip(rows, pareto(list(zip(costs, [r.accuracy for r in rows])))):
+            row.pareto[key] = on
+    failures = []
+    for metric, floor in (floors or {}).items():
+        for row in rows:
+            value = getattr(row, metric)
+            if not value >= floor:
+                failures.append(f"{row.artifact}: {metric} {value:.4f} < {floor}")
+    return CompareResult(rows, tuple(batches), str(dev), torch.get_num_threads(), failures)
+
+
+def plot_compare(result: CompareResult, path: Path) -> None:
+    """Accuracy against latency (largest batch) and against size, the Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = max(result.batches)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, xs, label in (
+        (axes[0], "latency", [r.latency_ms[big] for r in result.rows], f"latency at batch {big} (ms, median)"),
+        (axes[1], "size", [r.size_bytes / 1e6 for r in result.rows], "size on disk (MB)"),
+    ):
+        ys = [100 * r.accuracy for r in result.rows]
+        front = sorted((x, y) for x, y, r in zip(xs, ys, result.rows) if r.pareto[key])
+        ax.scatter(xs, ys, color="tab:gray", zorder=2)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", marker="o", zorder=3,
+                label="Pareto front")
+        for x, y, r in zip(xs, ys, result.rows):
+            ax.annotate(f"{Path(r.artifact).name} ({r.step})", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_csv(result: CompareResult) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    lat = [f"latency_b{b}_ms" for b in result.batches]
+    w.writerow(["artifact", "model", "step", "accuracy", "macro_f1", "params", "macs", "size_bytes", *lat,
+                *[f"ratio_{k}" for k in result.rows[0].ratios]])
+    for r in result.rows:
+        w.writerow([r.artifact, r.model, r.step, f"{r.accuracy:.6f}", f"{r.macro_f1:.6f}", r.params, r.macs,
+                    r.size_bytes, *[f"{r.latency_ms[b]:.4f}" for b in result.batches],
+                    *[f"{v:.4f}" for v in r.ratios.values()]])
+    return buf.getvalue()

@@ -1,0 +1,229 @@
+"""dlkit quantize: int8 and half-size artifacts that reload without pickle to the same outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dlkit import artifacts
+from dlkit.api import TrainRequest, evaluate_artifact, train_model
+from dlkit.cli import app
+from dlkit.compress import quantize as q
+from dlkit.errors import ArtifactError, DataError, IncompatibleError, UsageError
+
+# Small widths keep the suite fast; a config with smaller widths is also what a pruned artifact is.
+MODELS_CFG = {
+    "mlp": {},
+    "cnn": {"channels": "8,16", "hidden": "32"},
+    "resnet20": {"layers": "1,1,1", "widths": "8,8,16"},
+    "lstm": {"hidden": "32"},
+    "gru": {"hidden": "32", "bidirectional": "true"},
+    "transformer": {"dim": "32", "depth": "1", "heads": "2", "ffn_dim": "64", "patch_size": "2"},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """mlp and cnn trained briefly (accuracy checks, QAT); the rest written untrained, which is
+    all the exactness checks need and keeps the suite fast."""
+    from dlkit.data import load_dataset
+    from dlkit.models import MODELS, create_model
+
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for name in ("mlp", "cnn"):
+        req = TrainRequest(model=name, dataset="digits", overrides=MODELS_CFG[name], out=root / name,
+                           options={"epochs": 2, "batch_size": 64})
+        out[name] = train_model(req).artifact
+    data = load_dataset("digits")
+    for name in ("resnet20", "lstm", "gru", "transformer"):
+        torch.manual_seed(0)
+        model, cfg = create_model(name, data.spec, MODELS_CFG[name])
+        manifest = artifacts.new_manifest(model_name=name, family=MODELS.get(name).family,
+                                          config=dataclasses.asdict(cfg), spec=data.spec, dataset="digits",
+                                          data_state=data.state, seed=0)
+        out[name] = artifacts.write_artifact(root / name, model.eval(), manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(trained, tmp_path_factory):
+    """Each (model, mode) quantized once for the whole module."""
+    root = tmp_path_factory.mktemp("quantized")
+    cache = {}
+
+    def get(name, mode):
+        if (name, mode) not in cache:
+            cache[name, mode] = _quantize(trained[name], mode, root)
+        return cache[name, mode]
+
+    return get
+
+
+def _quantize(src, mode, tmp_path, **kw):
+    kw.setdefault("repeats", 1)
+    kw.setdefault("calib_batches", 2)
+    return q.quantize_artifact(src, mode, out=tmp_path / f"{src.name}-{mode}", **kw)
+
+
+CASES = [("mlp", "dynamic"), ("mlp", "static"), ("mlp", "fp16"), ("cnn", "static"), ("cnn", "bf16"),
+         ("resnet20", "static"), ("lstm", "dynamic"), ("gru", "dynamic"), ("transformer", "dynamic")]
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_reload_reproduces_outputs_and_evaluate_agrees(quantized, name, mode):
+    res = quantized(name, mode)
+    assert res.verified, "the reloaded artifact gave other outputs than the quantized model"
+    art = artifacts.read_artifact(res.artifact)
+    assert art.manifest["model"]["transforms"][-1]["kind"] == "quantize"
+    assert art.manifest["lineage"][-1]["step"] == "quantize"
+    a, b = artifacts.load_model(art), artifacts.load_model(art)
+    x = torch.randn(32, *art.spec.input_shape)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    # evaluate loads the artifact afresh and must see exactly what quantize measured
+    ev = evaluate_artifact(res.artifact, device="cpu", batch_size=256)
+    assert ev.result.accuracy == res.after.accuracy
+    if name in ("mlp", "cnn"):  # trained; the others are random nets
+        assert abs(res.after.accuracy - res.before.accuracy) < 0.05
+    tensors = load_file(str(res.artifact / "model.safetensors"))
+    dtypes = {t.dtype for t in tensors.values()}
+    if mode in ("fp16", "bf16"):
+        assert q.HALF[mode] in dtypes and torch.float32 not in dtypes
+        assert 1.8 < res.ratios()["size"] <= 2.0  # the header and int64 BN counters stay
+    else:
+        assert torch.int8 in dtypes
+        # tiny nets: scales, fp32 biases and the unquantized patch conv/norms weigh in
+        assert res.ratios()["size"] > 1.5 and res.ratios()["layers"] > 2.5
+        assert res.quantized_layers and art.manifest["precision"] == "fp32"
+
+
+def test_static_fuses_and_quantizes_every_conv_and_linear(quantized):
+    res = quantized("resnet20", "static")
+    model = artifacts.load_model(artifacts.read_artifact(res.artifact))
+    floats = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear)]
+    assert not floats, f"left in float: {floats}"
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"ConvReLU2d", "QFunctional", "Quantize", "DeQuantize"} <= kinds
+    assert type(model.stages[0][0].conv1).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+
+
+def test_fusion_groups_follow_the_layers():
+    from dlkit.models import create_model
+    from dlkit.spec import DataSpec
+
+    spec = DataSpec(modality="image", input_shape=(1, 8, 8), num_classes=3)
+    cnn, _ = create_model("cnn", spec)
+    assert q.fusion_groups(cnn) == [["features.0", "features.1", "features.2"],
+                                    ["features.4", "features.5", "features.6"], ["classifier.1", "classifier.2"]]
+    net, _ = create_model("resnet20", spec, {"layers": "1,1", "widths": "4,8"})
+    groups = q.fusion_groups(net)
+    assert ["stages.1.0.conv1", "stages.1.0.bn1", "stages.1.0.relu1"] in groups
+    assert ["stages.1.0.conv2", "stages.1.0.bn2"] in groups
+    assert ["stages.1.0.shortcut.0", "stages.1.0.shortcut.1"] in groups
+
+
+def test_dynamic_reaches_attention_projections(quantized):
+    res = quantized("transformer", "dynamic")
+    for proj in ("q", "k", "v", "proj"):
+        assert f"blocks.0.attn.{proj}" in res.quantized_layers
+    assert "blocks.0.fc1" in res.quantized_layers and "head" in res.quantized_layers
+
+
+def test_qat_fine_tunes_then_converts(trained, tmp_path):
+    res = _quantize(trained["cnn"], "qat", tmp_path, epochs=1)
+    assert res.verified and len(res.qat_history) == 1
+    assert (res.artifact / "history.jsonl").is_file()
+    assert res.after.accuracy > 0.5
+    model = artifacts.load_model(artifacts.read_artifact(res.artifact))
+    assert "ConvReLU2d" in {type(m).__name__ for m in model.modules()}
+    assert not [m for m in model.modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d, nn.Linear)]
+
+
+def test_mode_a_model_cannot_take_names_the_ones_it_can(trained, tmp_path):
+    with pytest.raises(IncompatibleError, match="modes it can take: dynamic, fp16, bf16"):
+        try:
+            _quantize(trained["lstm"], "static", tmp_path)
+        except IncompatibleError as exc:
+            raise IncompatibleError(f"{exc.message} ({exc.hint})") from None
+    assert not list(tmp_path.iterdir())
+
+
+def test_unavailable_backend_and_missing_data_write_nothing(trained, tmp_path, monkeypatch):
+    engine = type(torch.backends.quantized)
+    monkeypatch.setattr(engine, "supported_engines", ["x86", "none"])
+    with pytest.raises(UsageError, match="qnnpack int8 backend is not available on this CPU"):
+        _quantize(trained["cnn"], "static", tmp_path, backend="qnnpack")
+    monkeypatch.undo()
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(trained["cnn"], orphan)
+    manifest = json.loads((orphan / "manifest.json").read_text())
+    manifest["data"]["dataset"] = manifest["data"]["state"]["dataset"] = "mnist"  # absent; downloads are off
+    (orphan / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("DLKIT_OFFLINE", "1")
+    with pytest.raises(DataError, match="static int8 calibration needs the 'mnist' data"):
+        _quantize(orphan, "static", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orphan"]
+
+
+def test_quantized_artifact_refuses_hidden_pickle(quantized, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(quantized("mlp", "dynamic").artifact, bad)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (bad / "model.safetensors").write_bytes(pickle.dumps({"w": Evil()}))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = artifacts.sha256_file(bad / "model.safetensors")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="cannot be loaded"):
+        artifacts.load_model(artifacts.read_artifact(bad))
+    assert not marker.exists()
+    with pytest.raises(UsageError, match="already quantized"):
+        q.quantize_artifact(bad, "dynamic", out=tmp_path / "again")
+
+
+def test_cli_json_table_and_errors(trained, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    r = runner.invoke(app, ["quantize", str(trained["mlp"]), "--mode", "dynamic", "--repeats", "1",
+                            "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["artifact"] == str(out) and doc["mode"] == "dynamic" and doc["verified"] is True
+    assert set(doc["before"]["latency_ms"]) == {"1", "256"} and doc["ratios"]["size"] > 2.5
+    assert "size on disk" in r.stderr and "latency batch 256" in r.stderr
+    r = runner.invoke(app, ["quantize", "-", "--mode", "fp16", "--repeats", "1"], input=f"{trained['cnn']}\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{trained['cnn']}-fp16"
+    r = runner.invoke(app, ["quantize", str(trained["gru"]), "--mode", "static"])
+    assert r.exit_code == 2 and r.stdout == ""
+    assert "error:" in r.stderr and "dynamic, fp16, bf16" in r.stderr
+    assert "Warning" not in r.stderr
+
+
+def test_a_pruned_artifact_quantizes(trained, tmp_path):
+    runner = CliRunner()
+    pruned = tmp_path / "pruned"
+    r = runner.invoke(app, ["prune", str(trained["cnn"]), "--ratio", "0.5", "--out", str(pruned), "-q"])
+    if r.exit_code != 0 and "No such command" in r.output:
+        pytest.skip("no prune command in this build")
+    assert r.exit_code == 0, r.output
+    widths = json.loads((pruned / "manifest.json").read_text())["model"]["config"]["channels"]
+    assert widths == [4, 8]
+    res = _quantize(pruned, "static", tmp_path)
+    assert res.verified
+    model = artifacts.load_model(artifacts.read_artifact(res.artifact))
+    assert model.features[0].out_channels == 4
