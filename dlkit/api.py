@@ -18,7 +18,7 @@ import torch
 
 from dlkit import artifacts
 from dlkit.config import apply_overrides
-from dlkit.device import resolve_device, uses_channels_last
+from dlkit.device import native_bf16, resolve_device, uses_channels_last
 from dlkit.engine import distributed
 from dlkit.engine.distributed import env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
@@ -103,8 +103,9 @@ def prepare_inference(model: torch.nn.Module, device: torch.device, input_shape:
 def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, work: Path) -> None:
     want = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
             "train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
-            "world_size": env_world_size()}
-    diffs = [k for k, v in want.items() if extra.get(k, 1 if k == "world_size" else None) != v]
+            "data_options": request.data_options, "world_size": env_world_size()}
+    absent = {"world_size": 1, "data_options": {}}
+    diffs = [k for k, v in want.items() if extra.get(k, absent.get(k)) != v]
     if diffs:
         raise UsageError(f"the checkpoint in {work} was made with a different {', '.join(diffs)}",
                          hint="resume with the same command line, or remove the folder to start over")
@@ -160,6 +161,9 @@ def _train_model(request: TrainRequest, dist: distributed.DistContext | None, de
     entry = MODELS.get(request.model)
     cfg, final = check_train_request(request, dist.world_size if dist else 1)
     work = artifacts.work_folder(final)
+    if cfg.precision == "bf16" and not native_bf16(device) and (dist is None or dist.rank == 0):
+        log.warning("warning: this %s has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and runs "
+                    "several times slower than fp32 here", device.type.upper())
 
     if dist is not None and dist.local_rank != 0:
         dist.barrier()  # local rank 0 loads (and downloads) first
@@ -171,7 +175,7 @@ def _train_model(request: TrainRequest, dist: distributed.DistContext | None, de
     model, model_cfg = create_model(request.model, data.spec, request.overrides)
     extra = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
              "train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
-             "world_size": dist.world_size if dist else 1}
+             "data_options": request.data_options, "world_size": dist.world_size if dist else 1}
     state, opt_state = None, None
     if request.resume:
         state, opt_state, saved = load_checkpoint(work, model)

@@ -586,6 +586,8 @@ def quantize_artifact(path: Path | str, mode: str, *, backend: str = "x86", cali
 
     # The artifact must give back exactly what was measured.
     reloaded = artifacts.load_model(artifacts.read_artifact(final))
+    if not int8:
+        prepare_inference(reloaded, torch.device("cpu"), art.spec.input_shape)  # same memory format
     probe = x_test[:64]
     with _ao(backend if int8 else torch.backends.quantized.engine):
         verified = torch.equal(_run(model, probe, precision_after, cl_after),

@@ -159,8 +159,11 @@ def fit(
             torch.manual_seed(seed * 1_000_003 + state.epoch * 10_007 + state.batch * 101 + dist.rank)
             if not dist.is_main:  # the checkpoint holds the sums over all ranks: count them once
                 state.loss_sum, state.correct, state.seen = 0.0, 0, 0
-        loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
-        correct = torch.tensor(state.correct, device=device)
+        # Running sums: Python numbers on the CPU (a sync per step costs nothing there), device
+        # tensors elsewhere (synced every ``sync_every`` steps only).
+        on_cpu = device.type == "cpu"
+        loss_sum = state.loss_sum if on_cpu else torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
+        correct = state.correct if on_cpu else torch.tensor(state.correct, device=device)
         t0 = time.perf_counter() - state.elapsed
         for b in range(state.batch, steps_per_epoch):
             idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -193,8 +196,12 @@ def fit(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_sum += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
+            if on_cpu:
+                loss_sum += loss.item() * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+            else:
+                loss_sum += loss.detach().double() * len(idx)
+                correct += (logits.detach().argmax(1) == yb).sum()
             state.seen += len(idx)
             state.batch = b + 1
             state.step += 1
@@ -202,7 +209,7 @@ def fit(
                 dist.test_hook(state.step)
             if state.step % sync_every == 0 or b + 1 == steps_per_epoch:
                 value = loss.item()
-                seen, total_loss, total_correct = state.seen, loss_sum.item(), correct.item()
+                seen, total_loss, total_correct = state.seen, float(loss_sum), int(correct)
                 if dist is not None:  # every rank reduces here (same steps), so all see the same
                     seen, total_loss, total_correct, bad = dist.all_sum(
                         [seen, total_loss, total_correct, float(not math.isfinite(value))], device)
@@ -217,7 +224,7 @@ def fit(
                                  accuracy=total_correct / seen, samples_per_s=seen / max(elapsed, 1e-9), lr=lr)
             stop = should_stop() if dist is None else dist.any(should_stop(), device)
             if stop and state.batch < steps_per_epoch:
-                state.loss_sum, state.correct = loss_sum.item(), int(correct.item())
+                state.loss_sum, state.correct = float(loss_sum), int(correct)
                 if dist is not None:  # the checkpoint keeps the sums over all ranks
                     seen, state.loss_sum, total_correct = dist.all_sum([state.seen, state.loss_sum, state.correct], device)
                     state.seen, state.correct = int(seen), int(total_correct)
@@ -225,10 +232,10 @@ def fit(
                 return state, optimizer
         elapsed = time.perf_counter() - t0
         if dist is not None:
-            seen, loss_total, correct_total = dist.all_sum([state.seen, loss_sum.item(), correct.item()], device)
+            seen, loss_total, correct_total = dist.all_sum([state.seen, float(loss_sum), int(correct)], device)
             state.seen = int(seen)
         else:
-            loss_total, correct_total = loss_sum.item(), correct.item()
+            loss_total, correct_total = float(loss_sum), int(correct)
         record = {
             "epoch": state.epoch + 1,
             "step": state.step,

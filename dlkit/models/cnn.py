@@ -78,7 +78,9 @@ class CNN(nn.Module):
         }
 
 
-TRAIN = dict(optimizer="adamw", lr=3e-3, weight_decay=0.01, epochs=10, batch_size=128,
+# 6 epochs: on a 2-core AVX2 machine (about 2,000 samples/s) this reached 92.0% test accuracy on
+# Fashion-MNIST in 178 s wall, start-up included (benchmarks/accuracy.py).
+TRAIN = dict(optimizer="adamw", lr=3e-3, weight_decay=0.01, epochs=6, batch_size=128,
              schedule="onecycle", warmup=0.0)
 
 

@@ -41,7 +41,7 @@ from dlkit.profiling.profile import CONVENTION, ProfileResult, load_module_class
 
 __all__ = [
     "CONVENTION", "Cost", "Counts", "Latency", "OpCounts", "ProfileResult", "count_macs", "count_ops",
-    "cross_check", "load_module_class", "measure_latency", "profile_target", "set_op_handle",
+    "count_params", "cross_check", "load_module_class", "measure_latency", "profile_target", "set_op_handle",
     "OP_HANDLES", "FUNCTION_HANDLES", "rnn_cost", "sdpa_cost",
 ]
 
@@ -75,8 +75,25 @@ def count_ops(model: nn.Module, inputs: Any, *, backward: bool = False) -> tuple
 def count_macs(model: nn.Module, example_inputs: Any) -> Counts:
     """MACs and FLOPs of one forward pass, the parameter count, and the ops left uncounted."""
     fwd, _ = count_ops(model, example_inputs)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return Counts(fwd.macs, fwd.flops, params, dict(fwd.uncounted))
+    return Counts(fwd.macs, fwd.flops, count_params(model), dict(fwd.uncounted))
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, shared ones once, including int8 weights that quantized modules keep packed
+    (outside ``parameters()``): quantized Linear/Conv expose ``weight()``/``bias()``, dynamic
+    quantized LSTM/GRU ``get_weight()``/``get_bias()``."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for m in model.modules():
+        if not type(m).__module__.startswith("torch.ao.nn.quantized"):
+            continue
+        if callable(getattr(m, "get_weight", None)) and callable(getattr(m, "get_bias", None)):
+            tensors = [*m.get_weight().values(), *m.get_bias().values()]
+        elif callable(getattr(m, "weight", None)) and callable(getattr(m, "bias", None)):
+            tensors = [m.weight(), m.bias()]
+        else:
+            continue
+        total += sum(t.numel() for t in tensors if t is not None)
+    return total
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",

@@ -390,7 +390,9 @@ def profile_target(target: str, *, dataset: str | None = None, input_shape: str 
     fwd, shapes, live_peak = _count_inference(model, x, precision, count_dev)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from dlkit.profiling import count_params
+
+    total_params = count_params(model)  # int8 weights packed in quantized modules included
     by_dtype, stored = _stored(model)
     w_bytes, t_bytes = weight_bytes(model)
     in_bytes = sum(tensor_bytes(t) for t in (x if isinstance(x, tuple) else (x,)))
