@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import median, print_table, write_json
+from common import RESULTS, median, print_table, write_json
 
 TARGETS = {("cnn", "fashion-mnist"): (0.92, 180.0), ("mlp", "digits"): (0.98, None), ("cnn", "digits"): (0.98, None)}
 
@@ -51,7 +51,7 @@ def main() -> None:
         wall = median([r["wall_s"] for r in runs])
         floor, limit = TARGETS.get((model, dataset), (None, None))
         ok = (floor is None or acc >= floor) and (limit is None or wall <= limit)
-        results[case] = {"runs": runs, "median_test_accuracy": acc, "median_wall_s": wall,
+        results[case] = {"extra": args.extra, "runs": runs, "median_test_accuracy": acc, "median_wall_s": wall,
                          "target_accuracy": floor, "target_wall_s": limit, "met": ok}
         rows.append([case, runs[0]["epochs"], f"{100 * acc:.2f}%", f"{wall:.0f}",
                      f"{median([r['samples_per_s'] for r in runs]):,.0f}",
@@ -59,7 +59,11 @@ def main() -> None:
                      "yes" if ok else "NO"])
     print_table(f"default recipes, median of {args.repeats} seed(s)",
                 ["case", "epochs", "test acc", "wall s", "train samples/s", "target", "met"], rows)
-    write_json("accuracy", {"extra": args.extra, "results": results})
+    # Cases accumulate across invocations (one case can take minutes): merge with earlier results.
+    previous = RESULTS / "accuracy.json"
+    if previous.exists():
+        results = {**json.loads(previous.read_text()).get("results", {}), **results}
+    write_json("accuracy", {"results": results})
 
 
 if __name__ == "__main__":

@@ -121,6 +121,8 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if next(self.parameters()).is_meta:  # nothing to draw, and normal_ on meta costs ~2 s of imports
+            return
         # N(0, 0.02) as BERT and ViT. (timm's trunc_normal_(std=.02) cuts at +-2, i.e. 100 std:
         # the same distribution, several times slower to draw.)
         nn.init.normal_(self.pos, std=0.02)

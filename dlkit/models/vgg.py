@@ -78,6 +78,8 @@ class VGG(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if next(self.parameters()).is_meta:  # nothing to draw, and normal_ on meta costs ~2 s of imports
+            return
         # As torchvision: He init for convs, N(0, 0.01) for dense layers, zero biases.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
