@@ -17,7 +17,7 @@ from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.models.registry import register_model
-from dlkit.models.transformer import Attention
+from dlkit.models.transformer import Attention, block_widths
 from dlkit.spec import TEXT, DataSpec
 
 
@@ -91,16 +91,8 @@ class Bert(nn.Module):
         return self.head(self.drop(self.pool_act(self.pooler(t[:, 0]))))
 
     def width_overrides(self) -> dict[str, Any]:
-        per_block = {(b.attn.num_heads, b.attn.q.out_features // b.attn.num_heads, b.fc1.out_features)
-                     for b in self.blocks}
-        if len(per_block) > 1:
-            raise UsageError("BERT's layers have different widths, which its config cannot describe",
-                             hint="prune every layer by the same ratio")
-        out: dict[str, Any] = {"dim": self.pooler.in_features}
-        if per_block:
-            heads, head_dim, ffn = per_block.pop()
-            out.update(heads=heads, head_dim=head_dim, ffn_dim=ffn)
-        return out
+        """The config fields holding this module's current widths (uniform across blocks)."""
+        return block_widths(self.blocks, self.pooler.in_features, "BERT")
 
 
 @register_model("bert-base", family="bert", build=Bert, modalities=(TEXT,), default_dataset="sst2-bert",

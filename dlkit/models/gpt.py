@@ -22,7 +22,7 @@ from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.models.registry import register_model
-from dlkit.models.transformer import Block
+from dlkit.models.transformer import Block, block_widths
 from dlkit.spec import TEXT, DataSpec
 
 
@@ -84,16 +84,8 @@ class GPT(nn.Module):
         return self.head(t[torch.arange(n, device=x.device), last])
 
     def width_overrides(self) -> dict[str, Any]:
-        per_block = {(b.attn.num_heads, b.attn.q.out_features // b.attn.num_heads, b.fc1.out_features)
-                     for b in self.blocks}
-        if len(per_block) > 1:
-            raise UsageError("GPT's blocks have different widths, which its config cannot describe",
-                             hint="prune every block by the same ratio")
-        out: dict[str, Any] = {"dim": self.norm.normalized_shape[0]}
-        if per_block:
-            heads, head_dim, ffn = per_block.pop()
-            out.update(heads=heads, head_dim=head_dim, ffn_dim=ffn)
-        return out
+        """The config fields holding this module's current widths (uniform across blocks)."""
+        return block_widths(self.blocks, self.norm.normalized_shape[0], "GPT")
 
 
 @register_model("gpt2", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="sst2-gpt2",

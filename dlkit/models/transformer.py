@@ -77,6 +77,21 @@ class Block(nn.Module):
         return x + self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm2(x))))))
 
 
+
+def block_widths(blocks, dim: int, what: str) -> dict[str, Any]:
+    """Config fields for the current widths of attention blocks (``attn.q/num_heads``, ``fc1``).
+
+    Configs hold one width per kind for all blocks, so blocks must have been pruned uniformly."""
+    per_block = {(b.attn.num_heads, b.attn.q.out_features // b.attn.num_heads, b.fc1.out_features) for b in blocks}
+    if len(per_block) > 1:
+        raise UsageError(f"{what}'s blocks have different widths, which its config cannot describe",
+                         hint="prune every block by the same ratio")
+    out: dict[str, Any] = {"dim": dim}
+    if per_block:
+        heads, head_dim, ffn = per_block.pop()
+        out.update(heads=heads, head_dim=head_dim, ffn_dim=ffn)
+    return out
+
 def _check(cfg: TransformerConfig, spec: DataSpec) -> int:
     """Validate ``cfg`` for ``spec``; returns the number of tokens (patches, or max_len)."""
     if cfg.pool not in ("cls", "mean"):
@@ -166,21 +181,8 @@ class Transformer(nn.Module):
         return self.head(feats)
 
     def width_overrides(self) -> dict[str, Any]:
-        """The config fields holding this module's current widths (changed by pruning).
-
-        The config has one width per kind for all blocks: prune blocks uniformly."""
-        per_block = {
-            (b.attn.num_heads, b.attn.q.out_features // b.attn.num_heads, b.fc1.out_features)
-            for b in self.blocks
-        }
-        if len(per_block) > 1:
-            raise UsageError("the transformer's blocks have different widths, which its config "
-                             "cannot describe", hint="prune every block by the same ratio")
-        heads, head_dim, ffn = per_block.pop() if per_block else (None, None, None)
-        out: dict[str, Any] = {"dim": self.norm.normalized_shape[0]}
-        if heads is not None:
-            out.update(heads=heads, head_dim=head_dim, ffn_dim=ffn)
-        return out
+        """The config fields holding this module's current widths (changed by pruning)."""
+        return block_widths(self.blocks, self.norm.normalized_shape[0], "the transformer")
 
 
 TRAIN = dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=10, batch_size=128,

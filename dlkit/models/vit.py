@@ -17,7 +17,7 @@ from torch import nn
 
 from dlkit.errors import UsageError
 from dlkit.models.registry import register_model
-from dlkit.models.transformer import Block
+from dlkit.models.transformer import Block, block_widths
 from dlkit.spec import IMAGE, DataSpec
 
 
@@ -74,16 +74,7 @@ class ViT(nn.Module):
 
     def width_overrides(self) -> dict[str, Any]:
         """The config fields holding this module's current widths (uniform across blocks)."""
-        per_block = {(b.attn.num_heads, b.attn.q.out_features // b.attn.num_heads, b.fc1.out_features)
-                     for b in self.blocks}
-        if len(per_block) > 1:
-            raise UsageError("the ViT's blocks have different widths, which its config cannot describe",
-                             hint="prune every block by the same ratio")
-        out: dict[str, Any] = {"dim": self.norm.normalized_shape[0]}
-        if per_block:
-            heads, head_dim, ffn = per_block.pop()
-            out.update(heads=heads, head_dim=head_dim, ffn_dim=ffn)
-        return out
+        return block_widths(self.blocks, self.norm.normalized_shape[0], "the ViT")
 
 
 @register_model("vit-b16", family="vit", build=ViT, modalities=(IMAGE,), default_dataset="imagenet",
