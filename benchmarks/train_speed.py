@@ -77,6 +77,9 @@ def main() -> None:
                          "dlkit_bf16_vs_plain_fp32": med["dlkit bf16"] / med["plain fp32"]}
         rows.append([name, f"{med['plain fp32']:,.0f}", f"{med['dlkit fp32']:,.0f}", f"{med['dlkit bf16']:,.0f}",
                      f"{results[name]['dlkit_fp32_vs_plain']:.2f}x", f"{results[name]['dlkit_bf16_vs_plain_fp32']:.2f}x"])
+        print(" ".join(rows[-1]), flush=True)  # a slow model (bf16 is emulated on AVX2) keeps what came before
+        write_json("train_speed", {"dataset": data.name, "batch_size": args.batch_size, "samples": len(x),
+                                   "rounds": args.rounds, "results": results})
     print_table(f"training samples/s on {data.name}, batch {args.batch_size}, {len(x)} samples/epoch, "
                 f"median of {args.rounds} alternating rounds",
                 ["model", "plain fp32", "dlkit fp32", "dlkit bf16", "dlkit fp32/plain", "dlkit bf16/plain fp32"], rows)
