@@ -11,12 +11,13 @@ Targets (issue 2): dlkit fp32 >= 1.0x the plain loop; CNN bf16 >= 1.8x the plain
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import median, print_table, write_json
+from common import RESULTS, median, print_table, write_json
 
 
 def plain_loop(model, x, y, batch_size, lr, seed):
@@ -78,8 +79,10 @@ def main() -> None:
         rows.append([name, f"{med['plain fp32']:,.0f}", f"{med['dlkit fp32']:,.0f}", f"{med['dlkit bf16']:,.0f}",
                      f"{results[name]['dlkit_fp32_vs_plain']:.2f}x", f"{results[name]['dlkit_bf16_vs_plain_fp32']:.2f}x"])
         print(" ".join(rows[-1]), flush=True)  # a slow model (bf16 is emulated on AVX2) keeps what came before
+        previous = RESULTS / "train_speed.json"  # models accumulate across invocations
+        merged = {**(json.loads(previous.read_text()).get("results", {}) if previous.exists() else {}), **results}
         write_json("train_speed", {"dataset": data.name, "batch_size": args.batch_size, "samples": len(x),
-                                   "rounds": args.rounds, "results": results})
+                                   "rounds": args.rounds, "results": merged})
     print_table(f"training samples/s on {data.name}, batch {args.batch_size}, {len(x)} samples/epoch, "
                 f"median of {args.rounds} alternating rounds",
                 ["model", "plain fp32", "dlkit fp32", "dlkit bf16", "dlkit fp32/plain", "dlkit bf16/plain fp32"], rows)

@@ -74,8 +74,9 @@ def test_nan_loss_stops_with_clear_error(digits):
         fit(model, digits.train, digits.val, cfg, device=torch.device("cpu"), seed=0)
 
 
-def test_bf16_trains(digits):
-    model = _model("cnn", digits)
+@pytest.mark.parametrize("name", ["cnn", "lstm"])  # lstm: oneDNN has no bf16 LSTM on AVX2 CPUs
+def test_bf16_trains(digits, name):
+    model = _model(name, digits)
     cfg = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=2e-3, precision="bf16")
     state, _ = fit(model, digits.train, digits.val, cfg, device=torch.device("cpu"), seed=0)
     assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]

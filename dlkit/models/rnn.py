@@ -55,15 +55,24 @@ class RNN(nn.Module):
         if self.embed is None:
             n, c, h, w = x.shape
             seq = x.permute(0, 2, 1, 3).reshape(n, h, c * w)
-            _, state = self.rnn(seq)
+            _, state = self._recur(seq)
         else:
             lengths = (x != 0).sum(1).clamp(min=1).cpu()
             packed = pack_padded_sequence(self.embed(x), lengths, batch_first=True, enforce_sorted=False)
-            _, state = self.rnn(packed)
+            _, state = self._recur(packed)
         h_n = state[0] if isinstance(state, tuple) else state  # LSTM: (h_n, c_n)
         last = h_n[-2:] if self.rnn.bidirectional else h_n[-1:]  # (directions, N, hidden)
         feats = last.transpose(0, 1).reshape(last.shape[1], -1)  # forward then backward
         return self.head(self.dropout(feats))
+
+    def _recur(self, inp):
+        # On the CPU the recurrence runs in fp32 even under bf16 autocast: oneDNN cannot build a
+        # bf16 LSTM primitive on CPUs without native bf16 ("could not create a primitive
+        # descriptor"), and where it can, the gates' accumulation is better kept in fp32 anyway.
+        if inp.data.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.rnn(inp.float() if isinstance(inp, torch.Tensor) else inp)
+        return self.rnn(inp)
 
     def width_overrides(self) -> dict[str, Any]:
         """The config fields holding this module's current widths (changed by pruning)."""
