@@ -36,8 +36,8 @@ def prune(
                                                  "after each.", rich_help_panel=STRATEGY)] = 1,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after each step, on the artifact's "
                                                  "own dataset.", rich_help_panel=STRATEGY)] = 0,
-    finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate [default: the training "
-                                                         "lr x 0.1].", rich_help_panel=STRATEGY)] = None,
+    finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning peak learning rate [default: the "
+                                                         "training lr, decayed over the fine-tune epochs].", rich_help_panel=STRATEGY)] = None,
     protect: Annotated[Optional[list[str]], typer.Option(help="Layer (module name, e.g. features.0) whose "
                                                          "outputs are never pruned; repeatable. The "
                                                          "classifier head is always kept.",
