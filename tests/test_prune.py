@@ -146,6 +146,8 @@ def test_prune_artifact_measures_both_and_reloads_identically(cnn_artifact, tmp_
     assert art.manifest["model"]["config"]["channels"] == [16, 32]
     step = art.manifest["lineage"][-1]
     assert step["step"] == "prune" and step["parent"] == str(cnn_artifact)
+    trained_lr = art.manifest["lineage"][0]["options"]["train_config"]["lr"]  # adamw: fine-tunes at the same
+    assert step["options"]["finetune_lr_used"] == trained_lr
     assert art.manifest["lineage"][0]["step"] == "train"
     model = artifacts.load_model(art)
     assert model.head.out_features == 10
@@ -257,3 +259,11 @@ def test_fine_tuning_needs_the_artifacts_dataset(cnn_artifact, tmp_path):
     # without fine-tuning it prunes, with no accuracy to report
     res = prune_artifact(orphan, PruneOptions(ratio=0.5, out=tmp_path / "y", device="cpu", **FAST))
     assert res.after.test_accuracy is None and res.after.params < res.before.params
+
+
+def test_fine_tuning_rewinds_to_the_training_rate_halved_for_sgd():
+    from dlkit.compress.prune import default_finetune_lr
+    from dlkit.engine.trainer import TrainConfig
+
+    assert default_finetune_lr(TrainConfig(optimizer="adamw", lr=3e-3)) == 3e-3
+    assert default_finetune_lr(TrainConfig(optimizer="sgd", lr=0.1)) == 0.05

@@ -36,8 +36,9 @@ def prune(
                                                  "after each.", rich_help_panel=STRATEGY)] = 1,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after each step, on the artifact's "
                                                  "own dataset.", rich_help_panel=STRATEGY)] = 0,
-    finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning peak learning rate [default: the "
-                                                         "training lr, decayed over the fine-tune epochs].", rich_help_panel=STRATEGY)] = None,
+    finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning peak learning rate, decayed over the "
+                                                         "fine-tune epochs [default: the training lr; half of "
+                                                         "it for sgd].", rich_help_panel=STRATEGY)] = None,
     protect: Annotated[Optional[list[str]], typer.Option(help="Layer (module name, e.g. features.0) whose "
                                                          "outputs are never pruned; repeatable. The "
                                                          "classifier head is always kept.",
