@@ -6,16 +6,20 @@ quantize_artifact measured: file size, quantized-layer bytes, median latency at 
 256 (float and quantized timed in alternation, same process), test accuracy (on the first
 --eval-samples test images).
 
-    python benchmarks/quantize.py [--repeats 7] [--eval-samples 2000] [--retrain] [--qat] [--models cnn,mlp]
+    python benchmarks/quantize.py [--threads 1] [--repeats 7] [--eval-samples 2000] [--retrain] [--qat]
+                                  [--models cnn,mlp]
 
 Targets (issue 5): static int8 cnn and resnet20 >= 4x faster at batch 256 within 0.5 point;
 dynamic int8 mlp, lstm, transformer: quantized layers 4x smaller, >= 1.3x faster at batch >= 64,
-within 0.5 point; fp16/bf16 halve the size.
+within 0.5 point; fp16/bf16 halve the size. The registry's default mlp (784-128-64), lstm (128
+units) and transformer (dim 64) are small; the "-wide" rows repeat them with layers >= 512 wide,
+where int8 GEMMs pay off on an AVX2 CPU (benchmarks/int8_kernels.py measures the kernels alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +39,13 @@ BASELINES = {
     "lstm": (2, 8000, ["dynamic", "fp16"]),
     "transformer": (2, 8000, ["dynamic", "bf16"]),
     "resnet20": (1, 3000, ["static", "fp16"]),
+    "mlp-wide": (2, None, ["dynamic", "static"]),
+    "lstm-wide": (1, 8000, ["dynamic"]),
+    "transformer-wide": (1, 8000, ["dynamic"]),
 }
+# row name: (registry model, --set overrides)
+WIDE = {"mlp-wide": ("mlp", {"hidden": "1024,512"}), "lstm-wide": ("lstm", {"hidden": "512"}),
+        "transformer-wide": ("transformer", {"dim": "256", "ffn_dim": "1024", "heads": "4"})}
 BATCHES = (1, 64, 256)
 
 
@@ -55,7 +65,9 @@ def baseline(model: str, epochs: int, samples: int | None, retrain: bool) -> Pat
 def train_full(model: str, epochs: int, samples, out: Path) -> float:
     from dlkit.api import TrainRequest, train_model
 
+    model, overrides = WIDE.get(model, (model, {}))
     return train_model(TrainRequest(model=model, dataset="fashion-mnist", options={"epochs": epochs}, out=out,
+                                    overrides=overrides,
                                     device="cpu")).test.accuracy
 
 
@@ -73,7 +85,8 @@ def train_subset(model: str, epochs: int, samples: int, out: Path) -> float:
 
     data = load_dataset("fashion-mnist", val_fraction=0.1, seed=0)
     torch.manual_seed(0)
-    net, cfg_model = create_model(model, data.spec)
+    model, overrides = WIDE.get(model, (model, {}))
+    net, cfg_model = create_model(model, data.spec, overrides)
     cfg = resolve_train_config(model, {"epochs": epochs})
     x, y = data.train
     fit(net, (x[:samples], y[:samples]), (x[:0], y[:0]), cfg, device=torch.device("cpu"), seed=0,
@@ -92,6 +105,7 @@ def train_subset(model: str, epochs: int, samples: int, out: Path) -> float:
 def target(model: str, mode: str, r: dict) -> tuple[str, bool | None]:
     """The issue's target for this row, and whether it was met (None: no target)."""
     acc_ok = abs(r["accuracy_change_points"]) <= 0.5
+    model = WIDE.get(model, (model,))[0]
     if mode == "static" and model in ("cnn", "resnet20"):
         return ">=4x @256, <=0.5pt", r["speedup_batch256"] >= 4 and acc_ok
     if mode == "dynamic" and model in ("mlp", "lstm", "transformer"):
@@ -125,6 +139,7 @@ def recommend(rows: list[dict]) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads while timing (1: steadier on 2 cores)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--qat", action="store_true", help="also run qat (1 epoch) on cnn")
     ap.add_argument("--models", default=",".join(BASELINES))
@@ -140,7 +155,9 @@ def main() -> None:
         epochs, samples, modes = BASELINES[model]
         if args.qat and model == "cnn":
             modes = modes + ["qat"]
+        torch.set_num_threads(os.cpu_count() or 1)  # train with every core, time with --threads
         src = baseline(model, epochs, samples, args.retrain)
+        torch.set_num_threads(args.threads)
         for mode in modes:
             out = CACHE / "quantized" / f"{model}-{mode}"
             shutil.rmtree(out, ignore_errors=True)
@@ -161,7 +178,7 @@ def main() -> None:
             ])
             print(f"{model} {mode}: done ({res.seconds:.0f} s)", flush=True)
     print_table("dlkit quantize on Fashion-MNIST (latency: median ms, float -> quantized, speedup; "
-                "shared 2-core machine under load: absolute ms are noisy, ratios timed side by side)",
+                f"{args.threads} thread(s); ratios timed side by side, absolute ms vary with machine load)",
                 ["model", "mode", "file", "size", "q-layers", *[f"batch {n}" for n in BATCHES], "test acc %",
                  "reload exact", "target"], table)
     rec = recommend(results)
@@ -172,7 +189,7 @@ def main() -> None:
                                                              for m, (e, n, _) in BASELINES.items()},
                             "eval_samples": args.eval_samples, "recommended": rec, "batches": list(BATCHES),
                             "repeats": args.repeats, "seconds": time.perf_counter() - started,
-                            "note": "machine shared with other jobs while measured"})
+                            "threads": args.threads, "wide_overrides": WIDE})
 
 
 if __name__ == "__main__":
