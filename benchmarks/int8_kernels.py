@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 from torch import nn
 
-from common import median, print_table, write_json
+from common import print_table, write_json
+
+from dlkit.compress.quantize import measure_latency as alternate  # medians, runs interleaved
 
 LINEAR = [(256, 256), (512, 512), (1024, 1024), (2048, 2048), (3136, 128)]
 CONV = [(1, 32, 28), (3, 16, 32), (16, 16, 28), (32, 64, 14), (64, 64, 14), (128, 128, 7)]
@@ -39,19 +40,6 @@ def cpu_flags() -> dict[str, bool]:
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     present = set(line.split(":", 1)[-1].split())
     return {f: f in present for f in FLAGS}
-
-
-def alternate(fns: list, repeats: int) -> list[float]:
-    """Median ms of each callable, runs interleaved so machine load hits them alike."""
-    for f in fns:
-        f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            times[i].append(1000 * (time.perf_counter() - t))
-    return [median(t) for t in times]
 
 
 def static_int8(float_module: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
