@@ -47,8 +47,8 @@ MAX_RATIO = 0.95  # the largest uniform ratio a target search tries
 # Fine-tuning after pruning reuses the artifact's own optimizer and schedule, compressed into the
 # fine-tune epochs, from this fraction of its learning rate ("learning-rate rewinding", Renda et
 # al. 2020, rather than the usual small fixed rate). Measured at ratio 0.5 with 2 fine-tune epochs
-# on fashion-mnist, test accuracy change (one run each):
-#   lstm (adam, lr 1e-3):   x0.1 -2.13   x0.5 -1.24   x1 -0.58   x2 +0.08 points
+# on fashion-mnist, test accuracy change (one run each, baselines trained 2-3 epochs):
+#   lstm (adam, lr 1e-3):   x0.1 -2.13 (another baseline)   x0.5 -1.24   x1 -0.58   x2 +0.08 points
 #   resnet20 (sgd, lr 0.1): x0.2 -0.59   x0.5 -0.48   x1 -1.58 points
 # Adaptive optimizers take the full rate; SGD's large absolute rate is halved.
 FINETUNE_LR_SCALE = {"sgd": 0.5}
