@@ -147,3 +147,18 @@ def test_registry_shape_errors():
     assert res.exit_code == 2 and "--seq-len is for text" in res.stderr
     res = run("profile", "resnet-18")
     assert res.exit_code == 2 and "did you mean" in res.stderr
+
+
+def test_profile_does_not_import_the_compiler_stack():
+    """torch._dynamo/_inductor cost 2 s to import, 40% of a `dlkit profile`: counting and the
+    measured memory peak must not pull them in."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dlkit.cli import main\nsys.argv = ['dlkit', 'profile', 'cnn', '--json', '--quiet']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean', file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["memory"]["measured"]["inference_peak"] > 0
+    assert res.stderr.strip().endswith("clean")
