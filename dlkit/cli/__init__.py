@@ -47,4 +47,7 @@ app.command("run")(run.run)
 
 
 def main() -> None:
+    from dlkit.malloc import keep_freed_memory
+
+    keep_freed_memory()
     app()
