@@ -120,8 +120,8 @@ def recommend(rows: list[dict]) -> dict[str, str]:
     """Per family: the fastest mode at batch 256 within 0.5 point; if none is faster than fp32,
     the smallest file within 0.5 point."""
     out = {}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ok = [r for r in rows if r["model"] == model and abs(r["ratios"]["accuracy_change_points"]) <= 0.5]
+    for model in dict.fromkeys(r["case"] for r in rows):
+        ok = [r for r in rows if r["case"] == model and abs(r["ratios"]["accuracy_change_points"]) <= 0.5]
         fast = [r for r in ok if r["ratios"]["speedup_batch256"] > 1.1]
         if fast:
             best = max(fast, key=lambda r: r["ratios"]["speedup_batch256"])
@@ -163,7 +163,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             res = quantize_artifact(src, mode, out=out, repeats=args.repeats, batches=BATCHES, epochs=1,
                                     eval_samples=args.eval_samples)
-            doc = res.to_dict()
+            doc = {"case": model, **res.to_dict()}  # "model" is the registry name; "case" the row
             r = doc["ratios"]
             goal, met = target(model, mode, r)
             doc["target"], doc["target_met"] = goal, met
