@@ -32,12 +32,12 @@ MEMORY_MODELS = ["mlp", "cnn", "lenet5", "resnet20", "transformer", "transformer
 
 
 def _example(name):
-    from dlkit.api import _spec_for
+    from dlkit.data import spec_for
     from dlkit.models import MODELS
-    from dlkit.spec import IMAGE, STANDARD_SPECS
+    from dlkit.spec import IMAGE
 
     entry = MODELS.get(name)
-    spec = _spec_for(entry.default_dataset, STANDARD_SPECS)
+    spec = spec_for(entry.default_dataset)
     if spec.modality == IMAGE:
         return spec, torch.randn(1, *spec.input_shape)
     return spec, torch.randint(1, spec.vocab_size, (1, *spec.input_shape))
@@ -114,12 +114,13 @@ def counts(names):
 
 
 def memory(names, batch=128):
-    from dlkit.profiling import profile_target
+    from dlkit.profiling import ProfileOptions, profile_target
 
     rows, docs = [], []
     for name in names:
         t0 = time.perf_counter()
-        r = profile_target(name, batch_size=batch, training=True, latency=False, measure=True, device="cpu")
+        r = profile_target(name, ProfileOptions(batch_size=batch, training=True, latency=False, measure=True,
+                                                device="cpu"))
         est, meas = r.memory["estimate"], r.memory["measured"]
         ti = est["inference_peak"] / meas["inference_peak"] if meas["inference_peak"] else None
         tt = est["training_peak"] / meas["training_peak"] if meas["training_peak"] else None

@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=2000, help="test samples for accuracy (10000: all)")
     args = ap.parse_args()
 
-    from dlkit.compress.quantize import quantize_artifact
+    from dlkit.compress.quantize import QuantizeOptions, quantize_artifact
 
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -161,8 +161,8 @@ def main() -> None:
         for mode in modes:
             out = CACHE / "quantized" / f"{model}-{mode}"
             shutil.rmtree(out, ignore_errors=True)
-            res = quantize_artifact(src, mode, out=out, repeats=args.repeats, batches=BATCHES, epochs=1,
-                                    eval_samples=args.eval_samples)
+            res = quantize_artifact(src, QuantizeOptions(mode, out=out, repeats=args.repeats, batches=BATCHES,
+                                                         epochs=1, eval_samples=args.eval_samples))
             doc = {"case": model, **res.to_dict()}  # "model" is the registry name; "case" the row
             r = doc["ratios"]
             goal, met = target(model, mode, r)

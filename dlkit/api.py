@@ -18,12 +18,12 @@ import torch
 
 from dlkit import artifacts
 from dlkit.config import apply_overrides
-from dlkit.device import native_bf16, resolve_device, uses_channels_last
+from dlkit.device import native_bf16, prepare_inference, resolve_device
 from dlkit.engine import distributed
 from dlkit.engine.distributed import env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
 from dlkit.engine.history import CURVES, HistoryWriter, plot_confusion, plot_curves
-from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit
+from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit, resolve_train_config
 from dlkit.errors import Interrupted, UsageError
 
 log = logging.getLogger("dlkit")
@@ -75,29 +75,8 @@ class TrainResult:
         }
 
 
-def resolve_train_config(model: str, options: dict, dataset: str | None = None) -> TrainConfig:
-    """Global defaults, then the model's own, then the dataset's, then what the user gave."""
-    from dlkit.data import DATASETS
-    from dlkit.models import MODELS
-
-    cfg = apply_overrides(TrainConfig(), MODELS.get(model).train_defaults, what="training defaults")
-    if dataset is not None:
-        cfg = apply_overrides(cfg, DATASETS.get(dataset).train_defaults, what="training defaults")
-    cfg = apply_overrides(cfg, {k: v for k, v in options.items() if v is not None}, what="training option")
-    return cfg.validate()
-
-
 def default_out(model: str, dataset: str) -> Path:
     return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_inference(model: torch.nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> bool:
-    """Move ``model`` to ``device`` in the memory format training used; returns channels_last."""
-    model.to(device)
-    channels_last = uses_channels_last(model, (1, *input_shape))
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return channels_last
 
 
 def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, work: Path) -> None:
@@ -302,52 +281,64 @@ class EvaluateResult:
                 "device": self.device, **self.result.to_dict(), "plot": str(self.plot) if self.plot else None}
 
 
-def evaluate_artifact(path: Path | str, *, dataset: str | None = None, split: str = "test",
-                      data_dir: str | None = None, device: str = "auto", batch_size: int = 1024,
-                      plot: Path | None = None, download_progress=None,
-                      data_file: str | None = None) -> EvaluateResult:
+@dataclass
+class EvaluateOptions:
+    dataset: str | None = None  # another dataset of the same shape; None: the artifact's own
+    split: str = "test"
+    data_dir: str | None = None
+    data_file: str | None = None  # text artifacts: every row of this file (same columns)
+    device: str = "auto"
+    batch_size: int = 1024
+    plot: Path | None = None  # the confusion matrix as a PNG
+
+    def validate(self) -> "EvaluateOptions":
+        from dlkit.choices import SPLITS
+
+        if self.split not in SPLITS:
+            raise UsageError(f"unknown split '{self.split}'", hint=f"use {', '.join(SPLITS)}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        return self
+
+
+def evaluate_artifact(path: Path | str, opts: EvaluateOptions | None = None, *,
+                      download_progress=None) -> EvaluateResult:
     """Evaluate an artifact on a split of its own dataset (or another dataset of the same shape).
 
-    Text artifacts always encode with their saved vocabulary; ``data_file`` evaluates a text
+    Text artifacts always encode with their saved vocabulary; ``opts.data_file`` evaluates a text
     artifact on every row of another file with the same columns."""
-    from dlkit.data import load_dataset
-
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"unknown split '{split}'", hint="use train, val or test")
+    opts = (opts or EvaluateOptions()).validate()
     art = artifacts.read_artifact(path)
-    name = dataset or ("text-csv" if data_file else art.dataset)
-    if not name:
-        raise UsageError(f"{art.path} records no dataset", hint="pass --dataset")
-    dev = resolve_device(device)
+    name = opts.dataset or ("text-csv" if opts.data_file else None)
+    dev = resolve_device(opts.device)
     if any(t.get("cpu_only") for t in art.manifest["model"].get("transforms", [])):
         dev = torch.device("cpu")  # int8 kernels exist for the CPU only (dlkit quantize)
     model = artifacts.load_model(art)
-    state = art.manifest["data"].get("state") or {}
-    data = load_dataset(name, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),
-                        seed=state.get("seed", art.manifest.get("seed", 0)),
-                        state=state if name == art.dataset or art.spec.modality == "text" else None,
-                        progress=download_progress, options={"data_file": data_file} if data_file else None)
+    data = artifacts.load_data(art, why="evaluation", dataset=name, data_dir=opts.data_dir,
+                               options={"data_file": opts.data_file} if opts.data_file else None,
+                               progress=download_progress)
+    name = data.name
     if data.spec != art.spec:
         raise UsageError(f"dataset '{name}' ({data.spec.describe()}) does not fit {art.path} "
                          f"({art.spec.describe()})", hint="evaluate on data of the same shape and classes")
     channels_last = prepare_inference(model, dev, data.spec.input_shape)
-    x, y = getattr(data, split)
+    x, y = getattr(data, opts.split)
     if len(x) == 0:
-        raise UsageError(f"the {split} split of '{name}' is empty", hint="choose another --split")
+        raise UsageError(f"the {opts.split} split of '{name}' is empty", hint="choose another --split")
     names = list(data.spec.class_names or range(data.spec.num_classes))
-    result = evaluate_model(model, x, y, class_names=names, split=split, batch_size=batch_size, device=dev,
-                            precision=art.precision, channels_last=channels_last)
-    if plot is not None:
-        plot_confusion(result.confusion, names, plot, f"{art.model_name} on {name} ({split})")
-    return EvaluateResult(art.path, art.model_name, name, result, str(dev), plot)
+    result = evaluate_model(model, x, y, class_names=names, split=opts.split, batch_size=opts.batch_size,
+                            device=dev, precision=art.precision, channels_last=channels_last)
+    if opts.plot is not None:
+        plot_confusion(result.confusion, names, opts.plot, f"{art.model_name} on {name} ({opts.split})")
+    return EvaluateResult(art.path, art.model_name, name, result, str(dev), opts.plot)
 
 
 def list_models(pattern: str = "*") -> list[dict]:
     """Every registered model with its parameter count on its default data (built on meta: no memory)."""
     from dlkit.errors import DlkitError
     from dlkit.models import MODELS
+    from dlkit.data import spec_for
     from dlkit.models.registry import create_model
-    from dlkit.spec import STANDARD_SPECS
 
     rows = []
     for name in MODELS.names(pattern):
@@ -357,22 +348,12 @@ def list_models(pattern: str = "*") -> list[dict]:
                "train_defaults": entry.train_defaults, "params": None, "error": None}
         try:
             with torch.device("meta"):
-                model, _ = create_model(name, _spec_for(entry.default_dataset, STANDARD_SPECS))
+                model, _ = create_model(name, spec_for(entry.default_dataset))
             row["params"] = sum(p.numel() for p in model.parameters())
         except DlkitError as exc:
             row["error"] = exc.message
         rows.append(row)
     return rows
-
-
-def _spec_for(dataset: str, standard: dict):
-    from dlkit.data import DATASETS
-
-    if dataset in DATASETS:
-        return DATASETS.get(dataset).spec
-    if dataset in standard:
-        return standard[dataset]
-    raise UsageError(f"no shape is known for dataset '{dataset}'")
 
 
 def list_datasets(data_dir: Path | None = None) -> list[dict]:

@@ -189,6 +189,49 @@ class Artifact:
     def precision(self) -> str:
         return self.manifest.get("precision", "fp32")
 
+    def trained_with(self) -> dict:
+        """The options of the lineage's train step ({} when the model was not trained by dlkit)."""
+        step = next((s for s in self.manifest.get("lineage", []) if s.get("step") == "train"), None)
+        return step.get("options") or {} if step else {}
+
+
+def train_config(artifact: Artifact):
+    """The TrainConfig that trained ``artifact`` (the model's defaults when none is recorded)."""
+    import dataclasses
+
+    from dlkit.engine.trainer import TrainConfig, resolve_train_config
+
+    recorded = artifact.trained_with().get("train_config")
+    if isinstance(recorded, dict):
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+    return resolve_train_config(artifact.model_name, {})
+
+
+def load_data(artifact: Artifact, *, why: str, dataset: str | None = None, data_dir: str | None = None,
+              options: dict | None = None, progress=None):
+    """The data ``artifact`` was trained on, split and normalised the same way (its recorded data
+    state and options), or another dataset of the same shape. ``why`` names the need in errors."""
+    from dlkit.data import load_dataset
+    from dlkit.errors import DataError
+
+    name = dataset or artifact.dataset
+    if not name:
+        raise UsageError(f"{artifact.path} records no dataset, which {why} needs",
+                         hint="pass --dataset, or use an artifact trained by dlkit")
+    state = artifact.manifest["data"].get("state") or {}
+    own = name == artifact.dataset
+    if options is None and own:
+        options = artifact.trained_with().get("data_options") or None
+    try:
+        return load_dataset(name, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),
+                            seed=state.get("seed", artifact.manifest.get("seed", 0)),
+                            state=state if own or artifact.spec.modality == "text" else None,
+                            progress=progress, options=options)
+    except DataError as exc:
+        raise DataError(f"{why} needs the '{name}' data, which cannot be loaded: {exc.message}",
+                        hint=exc.hint or "pass --data-dir") from None
+
 
 def read_artifact(path: Path | str) -> Artifact:
     """Read and validate an artifact's manifest (no weights are loaded)."""

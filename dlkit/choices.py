@@ -1,7 +1,15 @@
-"""Names of the choices options accept; kept free of torch so ``--help`` stays fast."""
+"""Names of the choices options accept, each list in one place; kept free of torch so ``--help``
+stays fast. The library validates against these and the CLI offers them."""
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PROFILE_OPTIMIZERS = (*OPTIMIZERS, "none")  # whose state a profiled training step holds
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 SPLITS = ("train", "val", "test")
+# dlkit prune
+IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
+# dlkit quantize
+QUANT_MODES = ("dynamic", "static", "qat", "fp16", "bf16")
+INT8_MODES = ("dynamic", "static", "qat")
+QUANT_BACKENDS = ("x86", "onednn", "fbgemm", "qnnpack")

@@ -77,23 +77,42 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return out
 
 
-def compare_artifacts(paths: list[Path | str], *, batches: tuple[int, ...] = (1, 256), rounds: int = 3,
-                      floors: dict[str, float] | None = None, data_dir: str | None = None,
-                      device: str = "cpu") -> CompareResult:
+@dataclass
+class CompareOptions:
+    batches: tuple[int, ...] = (1, 256)
+    rounds: int = 3  # alternating timing rounds; medians reported
+    floors: dict[str, float] = field(default_factory=dict)  # metric -> the least value that passes
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    def validate(self) -> "CompareOptions":
+        if self.rounds < 1:
+            raise UsageError(f"--rounds must be >= 1 (got {self.rounds})")
+        if not self.batches or min(self.batches) < 1:
+            raise UsageError(f"batch sizes must be >= 1 (got {list(self.batches)})")
+        unknown = sorted(set(self.floors) - set(METRICS))
+        if unknown:
+            raise UsageError(f"--fail-under: unknown metric {', '.join(unknown)}", hint=f"metrics: {', '.join(METRICS)}")
+        return self
+
+
+def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = None) -> CompareResult:
     from dlkit import artifacts
-    from dlkit.api import evaluate_artifact
+    from dlkit.api import EvaluateOptions, evaluate_artifact
     from dlkit.device import resolve_device
     from dlkit.profiling import count_macs, measure_latency
 
+    opts = (opts or CompareOptions()).validate()
+    batches, rounds, floors = tuple(opts.batches), opts.rounds, opts.floors
     if not paths:
         raise UsageError("compare needs at least one artifact")
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     arts = [artifacts.read_artifact(p) for p in paths]
     models, rows = [], []
     for art in arts:
         model = artifacts.load_model(art).to(dev).eval()
         models.append(model)
-        ev = evaluate_artifact(art.path, data_dir=data_dir, device=str(dev)).result
+        ev = evaluate_artifact(art.path, EvaluateOptions(data_dir=opts.data_dir, device=str(dev))).result
         counts = count_macs(model, example(art.spec, 1).to(dev))
         size = sum(f.stat().st_size for f in art.path.glob("*.safetensors"))
         step = art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"

@@ -46,3 +46,12 @@ def autocast(device: torch.device, precision: str):
 def uses_channels_last(model: torch.nn.Module, example_shape: tuple[int, ...]) -> bool:
     """channels_last pays off for convolutional models on 4-d input (measured in benchmarks/)."""
     return len(example_shape) == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def prepare_inference(model: torch.nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> bool:
+    """Move ``model`` to ``device`` in the memory format training used; returns channels_last."""
+    model.to(device)
+    channels_last = uses_channels_last(model, (1, *input_shape))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return channels_last

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlkit import artifacts
-from dlkit.api import TrainRequest, evaluate_artifact, train_model
+from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 from dlkit.errors import ArtifactError, Interrupted, UsageError
 
 
@@ -50,7 +50,7 @@ def test_round_trip_gives_identical_outputs(trained, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
     # and the same numbers `train` reported
-    res = evaluate_artifact(trained.artifact, device="cpu")
+    res = evaluate_artifact(trained.artifact, EvaluateOptions(device="cpu"))
     assert res.result.accuracy == trained.test.accuracy
     assert res.result.loss == pytest.approx(trained.test.loss, abs=1e-6)
     assert res.result.confusion == trained.test.confusion

@@ -111,11 +111,11 @@ def test_not_found_offline_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_train_cnn_on_cifar_files(tmp_path):
-    from dlkit.api import TrainRequest, evaluate_artifact, train_model
+    from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 
     write_cifar(tmp_path / "d", per_batch=8)
     res = train_model(TrainRequest(model="cnn", dataset="cifar10", data_dir=str(tmp_path / "d"), device="cpu",
                                    out=tmp_path / "art", options={"epochs": 1, "batch_size": 16}))
     assert res.manifest["data"]["spec"]["input_shape"] == [3, 32, 32] and res.test.samples == 8
-    ev = evaluate_artifact(res.artifact, data_dir=str(tmp_path / "d"), device="cpu")
+    ev = evaluate_artifact(res.artifact, EvaluateOptions(data_dir=str(tmp_path / "d"), device="cpu"))
     assert ev.result.accuracy == pytest.approx(res.test.accuracy)

@@ -52,14 +52,14 @@ def test_two_workers_finish_in_sync(two_workers):
 
 def test_artifact_loads_without_distributed_and_matches_one_process(two_workers, tmp_path):
     from dlkit import artifacts
-    from dlkit.api import TrainRequest, evaluate_artifact, train_model
+    from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 
     out, doc, _ = two_workers
     assert not torch.distributed.is_initialized()
     art = artifacts.read_artifact(out)
     model = artifacts.load_model(art)
     assert not any(k.startswith("module.") for k in model.state_dict())  # DDP's wrapper was not saved
-    again = evaluate_artifact(out, device="cpu")
+    again = evaluate_artifact(out, EvaluateOptions(device="cpu"))
     assert again.result.accuracy == pytest.approx(doc["test"]["accuracy"])
 
     # One process, same seed, same global batch and lr: the same global batches in the same order.

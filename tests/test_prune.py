@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dlkit import artifacts
-from dlkit.api import TrainRequest, evaluate_artifact, train_model
+from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 from dlkit.cli import app
 from dlkit.compress.prune import (PruneOptions, count_macs, list_units, prune_artifact, prune_structured)
 from dlkit.compress.rnn_prune import keep_top, prune_hidden, unit_importance
@@ -152,7 +152,7 @@ def test_prune_artifact_measures_both_and_reloads_identically(cnn_artifact, tmp_
     model = artifacts.load_model(art)
     assert model.head.out_features == 10
     # the reloaded artifact gives the accuracy prune measured
-    assert evaluate_artifact(out, device="cpu").result.accuracy == pytest.approx(a.test_accuracy)
+    assert evaluate_artifact(out, EvaluateOptions(device="cpu")).result.accuracy == pytest.approx(a.test_accuracy)
     # and it can be pruned again
     again = prune_artifact(out, PruneOptions(target_macs=0.6, out=tmp_path / "again", device="cpu", **FAST))
     assert again.after.macs <= 0.6 * again.before.macs

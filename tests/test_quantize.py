@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dlkit import artifacts
-from dlkit.api import TrainRequest, evaluate_artifact, train_model
+from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 from dlkit.cli import app
 from dlkit.compress import quantize as q
 from dlkit.errors import ArtifactError, DataError, IncompatibleError, UsageError
@@ -71,7 +71,7 @@ def quantized(trained, tmp_path_factory):
 def _quantize(src, mode, tmp_path, **kw):
     kw.setdefault("repeats", 1)
     kw.setdefault("calib_batches", 2)
-    return q.quantize_artifact(src, mode, out=tmp_path / f"{src.name}-{mode}", **kw)
+    return q.quantize_artifact(src, q.QuantizeOptions(mode, out=tmp_path / f"{src.name}-{mode}", **kw))
 
 
 CASES = [("mlp", "dynamic"), ("mlp", "static"), ("mlp", "fp16"), ("cnn", "static"), ("cnn", "bf16"),
@@ -90,7 +90,7 @@ def test_reload_reproduces_outputs_and_evaluate_agrees(quantized, name, mode):
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
     # evaluate loads the artifact afresh and must see exactly what quantize measured
-    ev = evaluate_artifact(res.artifact, device="cpu", batch_size=256)
+    ev = evaluate_artifact(res.artifact, EvaluateOptions(device="cpu", batch_size=256))
     assert ev.result.accuracy == res.after.accuracy
     if name in ("mlp", "cnn"):  # trained; the others are random nets
         assert abs(res.after.accuracy - res.before.accuracy) < 0.05
@@ -192,7 +192,7 @@ def test_quantized_artifact_refuses_hidden_pickle(quantized, tmp_path):
         artifacts.load_model(artifacts.read_artifact(bad))
     assert not marker.exists()
     with pytest.raises(UsageError, match="already quantized"):
-        q.quantize_artifact(bad, "dynamic", out=tmp_path / "again")
+        q.quantize_artifact(bad, q.QuantizeOptions("dynamic", out=tmp_path / "again"))
 
 
 def test_cli_json_table_and_errors(trained, tmp_path):

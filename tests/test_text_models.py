@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dlkit.api import TrainRequest, evaluate_artifact, train_model
+from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 from dlkit.cli import app
 from dlkit.models import create_model
 from dlkit.spec import TEXT, DataSpec
@@ -53,7 +53,7 @@ def test_models_learn_a_csv_and_evaluate_the_same(name, data_file, tmp_path):
     state = manifest["data"]["state"]
     assert state["labels"] == ["neg", "pos"] and state["tokenizer"]["vocab_size"] == 40  # as asked
     assert manifest["data"]["spec"]["vocab_size"] == len(state["tokenizer"]["vocab"]) == 23  # what the data has
-    again = evaluate_artifact(result.artifact, device="cpu")
+    again = evaluate_artifact(result.artifact, EvaluateOptions(device="cpu"))
     assert again.result.accuracy == pytest.approx(result.test.accuracy)
     assert again.result.confusion == result.test.confusion
 

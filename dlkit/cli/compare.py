@@ -31,7 +31,7 @@ def compare(
 
     Every number is measured in this run and also given as a ratio to the first artifact.
     """
-    from dlkit.compare import compare_artifacts, parse_floors, plot_compare, to_csv
+    from dlkit.compare import CompareOptions, compare_artifacts, parse_floors, plot_compare, to_csv
     from dlkit.errors import UsageError
 
     if json and csv:
@@ -48,8 +48,9 @@ def compare(
     batches = tuple(sorted({1, batch_size}))
     if not quiet:
         err.print(f"measuring {len(paths)} artifact(s): accuracy, MACs, latency at batch {', '.join(map(str, batches))}...")
-    result = compare_artifacts([Path(p) for p in paths], batches=batches, rounds=rounds, floors=floors,
-                               data_dir=str(data_dir) if data_dir else None, device=device)
+    opts = CompareOptions(batches=batches, rounds=rounds, floors=floors, data_dir=str(data_dir) if data_dir else None,
+                          device=device)
+    result = compare_artifacts([Path(p) for p in paths], opts)
     if plot is not None:
         plot_compare(result, plot)
     if not quiet:

@@ -32,16 +32,16 @@ def evaluate(
 
     Prints the table on stderr; with --json, one JSON document on stdout.
     """
-    from dlkit.api import evaluate_artifact
+    from dlkit.api import EvaluateOptions, evaluate_artifact
     from dlkit.artifacts import resolve_path
     from dlkit.cli.progress import DownloadProgress
 
     downloads = DownloadProgress(quiet)
     try:
-        res = evaluate_artifact(resolve_path(artifact), dataset=dataset, split=split,
-                                data_dir=str(data_dir) if data_dir else None, device=device,
-                                batch_size=batch_size, plot=plot, download_progress=downloads,
-                                data_file=str(data_file.expanduser().resolve()) if data_file else None)
+        opts = EvaluateOptions(dataset=dataset, split=split, data_dir=str(data_dir) if data_dir else None,
+                               data_file=str(data_file.expanduser().resolve()) if data_file else None,
+                               device=device, batch_size=batch_size, plot=plot)
+        res = evaluate_artifact(resolve_path(artifact), opts, download_progress=downloads)
     finally:
         downloads.close()
     if not quiet:

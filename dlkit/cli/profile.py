@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dlkit.choices import PRECISIONS
+from dlkit.choices import PRECISIONS, PROFILE_OPTIMIZERS
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, fmt_int, handle_errors
 
 INPUT = "Input"
@@ -49,7 +49,7 @@ def profile(
     depth: Annotated[int, typer.Option(help="Module table depth (0: the model only).")] = 2,
     training: Annotated[bool, typer.Option("--training", help="Also one training step: forward+backward FLOPs, "
                                            "gradients, optimizer state.")] = False,
-    optimizer: Annotated[Literal["sgd", "adam", "adamw", "none"], typer.Option(
+    optimizer: Annotated[Literal[PROFILE_OPTIMIZERS], typer.Option(
         help="Optimizer whose state the training memory holds.")] = "adamw",
     precision: Annotated[Optional[Literal[PRECISIONS]], typer.Option(
         help="bf16: autocast [default: the artifact's, else fp32].")] = None,
@@ -68,17 +68,17 @@ def profile(
     """
     from dlkit.config import parse_assignments
     from dlkit.errors import UsageError
-    from dlkit.profiling import profile_target
+    from dlkit.profiling import ProfileOptions, profile_target
 
     if preset and target and preset != target:
         raise UsageError(f"TARGET {target!r} and --preset {preset!r} disagree", hint="give one of them")
     target = target or preset
     if not target:
         raise UsageError("nothing to profile", hint="give a registry name, an artifact or file.py:ClassName")
-    res = profile_target(target, dataset=dataset, input_shape=input_shape, seq_len=seq_len, batch_size=batch_size,
-                         depth=depth, training=training, optimizer=optimizer, precision=precision,
-                         latency=latency, measure=measure, device=device,
-                         overrides=parse_assignments(set_) or None)
+    opts = ProfileOptions(dataset=dataset, input_shape=input_shape, seq_len=seq_len, batch_size=batch_size,
+                          depth=depth, training=training, optimizer=optimizer, precision=precision, latency=latency,
+                          measure=measure, device=device, overrides=parse_assignments(set_) or None)
+    res = profile_target(target, opts)
     if not quiet:
         _report(res)
     if json:

@@ -7,11 +7,12 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from dlkit.choices import IMPORTANCES
+
 from dlkit.cli.progress import TrainProgress
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, \
     fmt_int, handle_errors
 
-IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
 HOW = "How much"
 STRATEGY = "Strategy"
 

@@ -7,24 +7,24 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from dlkit.choices import QUANT_BACKENDS, QUANT_MODES
+
 from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, fmt_int, fmt_pct, \
     handle_errors
 
-MODES = ("dynamic", "static", "qat", "fp16", "bf16")  # dlkit.compress.quantize.MODES (no torch here)
-BACKENDS = ("x86", "onednn", "fbgemm", "qnnpack")
 
 
 @handle_errors
 def quantize(
     artifact: Annotated[str, typer.Argument(help="Artifact folder, or - to read its path from stdin.")],
-    mode: Annotated[Literal[MODES], typer.Option("--mode", "-m", help="dynamic: int8 weights of Linear/LSTM/GRU; "
+    mode: Annotated[Literal[QUANT_MODES], typer.Option("--mode", "-m", help="dynamic: int8 weights of Linear/LSTM/GRU; "
                                                  "static: int8 weights and activations, calibrated; qat: static "
                                                  "after quantization-aware fine-tuning; fp16/bf16: half-size "
                                                  "weights, fp32 compute.")] = "dynamic",
     calib_batches: Annotated[int, typer.Option(help="static: training batches (of 128) to calibrate on.")] = 8,
     epochs: Annotated[int, typer.Option(help="qat: fine-tuning epochs.")] = 1,
     lr: Annotated[Optional[float], typer.Option(help="qat: learning rate [default: 5% of the training lr].")] = None,
-    backend: Annotated[Literal[BACKENDS], typer.Option(help="int8 kernels to pack for.")] = "x86",
+    backend: Annotated[Literal[QUANT_BACKENDS], typer.Option(help="int8 kernels to pack for.")] = "x86",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the artifact's dataset.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per latency (batch 1: 5x as many); medians reported.")] = 10,
     eval_samples: Annotated[Optional[int], typer.Option(help="Measure accuracy on the first N test samples "
@@ -42,11 +42,12 @@ def quantize(
     the same outputs.
     """
     from dlkit.artifacts import resolve_path
-    from dlkit.compress.quantize import quantize_artifact
+    from dlkit.compress.quantize import QuantizeOptions, quantize_artifact
 
-    res = quantize_artifact(resolve_path(artifact), mode, backend=backend, calib_batches=calib_batches,
-                            epochs=epochs, lr=lr, out=out, data_dir=str(data_dir) if data_dir else None,
-                            repeats=repeats, eval_samples=eval_samples, seed=seed)
+    opts = QuantizeOptions(mode=mode, backend=backend, calib_batches=calib_batches, epochs=epochs, lr=lr, out=out,
+                           data_dir=str(data_dir) if data_dir else None, repeats=repeats,
+                           eval_samples=eval_samples, seed=seed)
+    res = quantize_artifact(resolve_path(artifact), opts)
     if not quiet:
         _report(res)
     if json:

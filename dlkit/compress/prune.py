@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from dlkit import artifacts
+from dlkit.choices import IMPORTANCES
 from dlkit.errors import DlkitError, UsageError
 
 log = logging.getLogger("dlkit")
 
-IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
 SENSITIVITY_RATIOS = (0.2, 0.4, 0.6, 0.8)
 MAX_RATIO = 0.95  # the largest uniform ratio a target search tries
 
@@ -647,18 +647,6 @@ class MaskKeeper:
 # The artifact-level entry point
 
 
-def _parent_train_config(art, model_name: str):
-    from dlkit.api import resolve_train_config
-    from dlkit.engine.trainer import TrainConfig
-
-    for step in art.manifest.get("lineage", []):
-        tc = (step.get("options") or {}).get("train_config")
-        if step.get("step") == "train" and isinstance(tc, dict):
-            known = {f.name for f in dataclasses.fields(TrainConfig)}
-            return TrainConfig(**{k: v for k, v in tc.items() if k in known})
-    return resolve_train_config(model_name, {})
-
-
 def default_out(source: Path, opts: PruneOptions, mode: str) -> Path:
     target = opts.target()
     tag = "sparse" if mode == "unstructured" else "pruned"
@@ -675,7 +663,7 @@ def default_out(source: Path, opts: PruneOptions, mode: str) -> Path:
 def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, download_progress=None) -> PruneResult:
     """Prune an artifact and save the result as a new artifact; measure both in the same run."""
     from dlkit.config import from_dict, to_dict
-    from dlkit.data import DATASETS, load_dataset
+    from dlkit.data import DATASETS
     from dlkit.device import resolve_device
     from dlkit.engine.evaluate import predict_logits
     from dlkit.engine.trainer import fit
@@ -704,16 +692,10 @@ def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, downl
     needs_data = (opts.finetune_epochs > 0 or opts.sensitivity or
                   (opts.importance == "taylor" and not opts.unstructured))
     data = None
-    if art.dataset:
-        state = art.manifest["data"].get("state") or {}
-        data = load_dataset(art.dataset, data_dir=opts.data_dir, val_fraction=state.get("val_fraction", 0.1),
-                            seed=state.get("seed", art.manifest.get("seed", 0)), state=state,
-                            progress=download_progress)
-    elif needs_data:
-        why = ("fine-tuning" if opts.finetune_epochs > 0 else
-               "the sensitivity analysis" if opts.sensitivity else "taylor importance")
-        raise UsageError(f"{art.path} records no dataset, which {why} needs",
-                         hint="prune without --finetune-epochs/--sensitivity/taylor, or train the model with dlkit")
+    if art.dataset or needs_data:
+        why = ("fine-tuning" if opts.finetune_epochs > 0 else "the sensitivity analysis" if opts.sensitivity
+               else "taylor importance" if needs_data else "measuring accuracy")
+        data = artifacts.load_data(art, why=why, data_dir=opts.data_dir, progress=download_progress)
     example = example_input(spec, 2, data)
     names = list(spec.class_names or range(spec.num_classes)) if data is not None else []
     result = PruneResult(artifact=None, source=art.path, model=model_name, family=family, mode=mode,
@@ -747,7 +729,7 @@ def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, downl
     # ---- fine-tuning and gradients
     tcfg = None
     if opts.finetune_epochs > 0:
-        parent_cfg = _parent_train_config(art, model_name)
+        parent_cfg = artifacts.train_config(art)
         lr = opts.finetune_lr if opts.finetune_lr is not None else default_finetune_lr(parent_cfg)
         tcfg = dataclasses.replace(parent_cfg, epochs=opts.finetune_epochs, lr=lr, warmup=0.0).validate()
     history: list[dict] = []
@@ -884,7 +866,7 @@ def measure_pair(before: nn.Module, after: nn.Module, spec, data, dev, names, pr
                  opts: PruneOptions) -> tuple[Measurement, Measurement]:
     """Params, MACs, size, latency (batch 1 and 256, medians, runs alternating) and accuracy of
     both models, measured in this run on the same inputs."""
-    from dlkit.api import prepare_inference
+    from dlkit.device import prepare_inference
     from dlkit.engine.evaluate import evaluate_model
 
     cpu_example = example_input(spec, 1, data)

@@ -47,14 +47,13 @@ import torch
 from torch import nn
 
 from dlkit import artifacts
+from dlkit.choices import INT8_MODES, QUANT_BACKENDS, QUANT_MODES
 from dlkit.errors import ArtifactError, DataError, IncompatibleError, UsageError
 
 log = logging.getLogger("dlkit")
 
-MODES = ("dynamic", "static", "qat", "fp16", "bf16")
-INT8_MODES = ("dynamic", "static", "qat")
+MODES, INT8_MODES, BACKENDS = QUANT_MODES, INT8_MODES, QUANT_BACKENDS
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("x86", "onednn", "fbgemm", "qnnpack")
 # Families whose forward is a chain of modules eager-mode static int8 can follow (the residual add
 # of resnet goes through a FloatFunctional). Their children are registered in data-flow order,
 # which the fusion below relies on.
@@ -407,22 +406,6 @@ def _default_out(source: Path, mode: str) -> Path:
     return source.with_name(f"{source.name}-{mode if mode in HALF else 'int8-' + mode}")
 
 
-def _load_data(art, data_dir: str | None, why: str):
-    from dlkit.data import load_dataset
-
-    if not art.dataset:
-        raise UsageError(f"{art.path} records no dataset, which {why} needs", hint="quantize a trained artifact")
-    state = art.manifest["data"].get("state") or {}
-    trained = next((s.get("options", {}) for s in art.manifest.get("lineage", []) if s.get("step") == "train"), {})
-    try:
-        return load_dataset(art.dataset, data_dir=data_dir, val_fraction=state.get("val_fraction", 0.1),
-                            seed=state.get("seed", art.manifest.get("seed", 0)), state=state,
-                            options=trained.get("data_options") or None)
-    except DataError as exc:
-        raise DataError(f"{why} needs the '{art.dataset}' data, which cannot be loaded: {exc.message}",
-                        hint=exc.hint or "pass --data-dir") from None
-
-
 def _run(model: nn.Module, x: torch.Tensor, precision: str, channels_last: bool) -> torch.Tensor:
     from dlkit.device import autocast
 
@@ -455,13 +438,10 @@ def _qat(model: nn.Module, art, data, backend: str, epochs: int, lr: float | Non
     from dlkit.data import DATASETS
     from dlkit.engine.trainer import TrainConfig, fit
 
-    trained = next((s["options"].get("train_config") for s in art.manifest.get("lineage", [])
-                    if s.get("step") == "train"), None) or {}
-    base_lr = trained.get("lr", 1e-3)
-    cfg = TrainConfig(epochs=epochs, batch_size=trained.get("batch_size", 128),
-                      optimizer=trained.get("optimizer", "adamw"), lr=lr or base_lr * 0.05,
-                      weight_decay=trained.get("weight_decay", 0.0), schedule="cosine", precision="fp32",
-                      augment=trained.get("augment", True))
+    trained = artifacts.train_config(art)
+    cfg = TrainConfig(epochs=epochs, batch_size=trained.batch_size, optimizer=trained.optimizer,
+                      lr=lr or trained.lr * 0.05, weight_decay=trained.weight_decay, schedule="cosine",
+                      precision="fp32", augment=trained.augment)
     with _ao(backend):
         prepare_static(model, backend, qat=True)
         torch.manual_seed(seed)
@@ -472,15 +452,48 @@ def _qat(model: nn.Module, art, data, backend: str, epochs: int, lr: float | Non
     return state.history
 
 
-def quantize_artifact(path: Path | str, mode: str, *, backend: str = "x86", calib_batches: int = 8,
-                      calib_batch_size: int = 128, epochs: int = 1, lr: float | None = None,
-                      out: Path | None = None, data_dir: str | None = None, repeats: int = 10,
-                      batches: tuple[int, ...] = (1, 256), eval_samples: int | None = None,
-                      seed: int = 0) -> QuantizeResult:
+@dataclass
+class QuantizeOptions:
+    mode: str = "dynamic"
+    backend: str = "x86"
+    calib_batches: int = 8  # static: training batches to calibrate on
+    calib_batch_size: int = 128
+    epochs: int = 1  # qat: fine-tuning epochs
+    lr: float | None = None  # qat: None = 5% of the training lr
+    out: Path | None = None
+    data_dir: str | None = None
+    repeats: int = 10  # timed runs per latency (batch 1: 5x as many)
+    batches: tuple[int, ...] = (1, 256)
+    eval_samples: int | None = None  # the first N test samples; None: all
+    seed: int = 0
+
+    def validate(self) -> "QuantizeOptions":
+        if self.mode not in MODES:
+            raise UsageError(f"unknown quantization mode '{self.mode}'", hint=f"use one of {', '.join(MODES)}")
+        if self.mode in INT8_MODES:
+            check_backend(self.backend)
+        if self.mode == "static" and self.calib_batches < 1:
+            raise UsageError(f"--calib-batches must be >= 1 (got {self.calib_batches})")
+        if self.mode == "qat" and self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1 (got {self.epochs})")
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"--lr must be positive (got {self.lr})")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise UsageError(f"--eval-samples must be >= 1 (got {self.eval_samples})")
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1 (got {self.repeats})")
+        return self
+
+
+def quantize_artifact(path: Path | str, opts: QuantizeOptions) -> QuantizeResult:
     """Quantize an artifact, measure it against the original in the same run, save it."""
-    from dlkit.api import prepare_inference
+    from dlkit.device import prepare_inference
     from dlkit.engine.evaluate import evaluate_model
 
+    opts.validate()
+    mode, backend, seed = opts.mode, opts.backend, opts.seed
+    calib_batches, calib_batch_size, epochs = opts.calib_batches, opts.calib_batch_size, opts.epochs
+    repeats, batches, eval_samples = opts.repeats, opts.batches, opts.eval_samples
     started = time.perf_counter()
     art = artifacts.read_artifact(path)
     model_doc = art.manifest["model"]
@@ -488,21 +501,11 @@ def quantize_artifact(path: Path | str, mode: str, *, backend: str = "x86", cali
         raise UsageError(f"{art.path} is already quantized", hint="quantize the float artifact it came from")
     family = model_doc.get("family", "")
     check_mode(mode, family, art.spec.modality, art.model_name)
-    if mode in INT8_MODES:
-        check_backend(backend)
-    if mode == "static" and calib_batches < 1:
-        raise UsageError(f"--calib-batches must be >= 1 (got {calib_batches})")
-    if mode == "qat" and epochs < 1:
-        raise UsageError(f"--epochs must be >= 1 (got {epochs})")
-    if eval_samples is not None and eval_samples < 1:
-        raise UsageError(f"--eval-samples must be >= 1 (got {eval_samples})")
-    if repeats < 1:
-        raise UsageError(f"--repeats must be >= 1 (got {repeats})")
-    final = Path(out) if out else _default_out(art.path, mode)
+    final = Path(opts.out) if opts.out else _default_out(art.path, mode)
     artifacts.check_destination(final)
 
     why = {"static": "static int8 calibration", "qat": "quantization-aware training"}.get(mode, "measuring accuracy")
-    data = _load_data(art, data_dir, why)
+    data = artifacts.load_data(art, why=why, data_dir=opts.data_dir)
     if mode == "static" and len(data.train[0]) == 0:
         raise DataError(f"static int8 calibration needs training data, but the '{art.dataset}' train split is empty")
     float_model = artifacts.load_model(art)
@@ -523,7 +526,7 @@ def quantize_artifact(path: Path | str, mode: str, *, backend: str = "x86", cali
                     model(data.train[0][idx[i : i + calib_batch_size]])
             convert_static(model)
     else:
-        history = _qat(model, art, data, backend, epochs, lr, seed)
+        history = _qat(model, art, data, backend, epochs, opts.lr, seed)
     model.eval()
     int8 = mode in INT8_MODES
     transform = {"kind": KIND, "mode": mode, "backend": backend if int8 else None,

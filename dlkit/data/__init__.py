@@ -35,7 +35,7 @@ STATE_VERSION = 1
 
 __all__ = [
     "DATASETS", "DataBundle", "DatasetEntry", "RawData", "dataset_names", "load_dataset",
-    "locate_dataset", "register_dataset", "split_indices",
+    "locate_dataset", "register_dataset", "spec_for", "split_indices",
 ]
 
 
@@ -56,6 +56,17 @@ class DataBundle:
 
 def dataset_names(pattern: str = "*") -> list[str]:
     return DATASETS.names(pattern)
+
+
+def spec_for(dataset: str) -> DataSpec:
+    """The shape of ``dataset``: a registered dataset's own spec, else a well-known one."""
+    from dlkit.spec import STANDARD_SPECS
+
+    if dataset in DATASETS:
+        return DATASETS.get(dataset).spec
+    if dataset in STANDARD_SPECS:
+        return STANDARD_SPECS[dataset]
+    raise UsageError(f"no shape is known for dataset '{dataset}'")
 
 
 def locate_dataset(name: str, data_dir: str | Path | None = None) -> str | None:

@@ -130,12 +130,11 @@ def _spec_example(spec) -> Callable[[int, str], torch.Tensor]:
 
 
 def _registry_target(name: str, dataset: str | None, shape, seq_len, overrides: dict) -> tuple[_Target, int | None]:
-    from dlkit.api import _spec_for
+    from dlkit.data import spec_for
     from dlkit.models import MODELS, create_model
-    from dlkit.spec import STANDARD_SPECS
 
     entry = MODELS.get(name)
-    spec, batch = _spec_input(_spec_for(dataset or entry.default_dataset, STANDARD_SPECS), shape, seq_len)
+    spec, batch = _spec_input(spec_for(dataset or entry.default_dataset), shape, seq_len)
 
     def build(device: str) -> nn.Module:
         torch.manual_seed(0)
@@ -347,29 +346,50 @@ def _train_step_fn(model, x, optimizer: str, precision: str, device) -> Callable
     return step
 
 
-def profile_target(target: str, *, dataset: str | None = None, input_shape: str | tuple | None = None,
-                   seq_len: int | None = None, batch_size: int | None = None, depth: int = 2,
-                   training: bool = False, optimizer: str = "adamw", precision: str | None = None,
-                   latency: bool = True, measure: bool | None = None, device: str = "auto",
-                   overrides: dict | None = None) -> ProfileResult:
+@dataclass
+class ProfileOptions:
+    dataset: str | None = None  # size the input like this dataset
+    input_shape: str | tuple | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    depth: int = 2  # module table depth
+    training: bool = False  # also one training step
+    optimizer: str = "adamw"  # whose state the training memory holds (or "none")
+    precision: str | None = None  # None: the artifact's, else fp32
+    latency: bool = True
+    measure: bool | None = None  # None: run the real model only where one run is cheap
+    device: str = "auto"
+    overrides: dict | None = None  # registry models: config key -> value
+
+    def validate(self) -> "ProfileOptions":
+        from dlkit.choices import PROFILE_OPTIMIZERS
+
+        if self.optimizer not in PROFILE_OPTIMIZERS:
+            raise UsageError(f"unknown optimizer '{self.optimizer}'", hint=f"use {', '.join(PROFILE_OPTIMIZERS)}")
+        if self.depth < 0:
+            raise UsageError("--depth must be 0 or more")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        return self
+
+
+def profile_target(target: str, opts: ProfileOptions | None = None) -> ProfileResult:
     """Profile ``target`` (a registry name, an artifact folder or ``-``, or ``file.py:ClassName``).
 
-    ``measure``: None runs the real model (measured memory, latency) only where one run costs less
-    than ~30 GFLOPs; True always; False never. Large registry models are counted on the meta device.
+    ``opts.measure``: None runs the real model (measured memory, latency) only where one run costs
+    less than ~30 GFLOPs; True always; False never. Large registry models are counted on meta.
     """
     from dlkit.device import check_precision, resolve_device
 
-    if optimizer not in ("sgd", "adam", "adamw", "none"):
-        raise UsageError(f"unknown optimizer '{optimizer}'", hint="use sgd, adam, adamw or none")
-    if depth < 0:
-        raise UsageError("--depth must be 0 or more")
-    dev = resolve_device(device)
-    tgt, shape_batch = resolve_target(target, dataset=dataset, input_shape=input_shape, seq_len=seq_len,
-                                      overrides=overrides)
+    opts = (opts or ProfileOptions()).validate()
+    optimizer, latency, measure, overrides = opts.optimizer, opts.latency, opts.measure, opts.overrides
+    dev = resolve_device(opts.device)
+    tgt, shape_batch = resolve_target(target, dataset=opts.dataset, input_shape=opts.input_shape,
+                                      seq_len=opts.seq_len, overrides=overrides)
     if overrides and tgt.kind != "registry":
         raise UsageError("--set applies to registry models only")
-    precision = check_precision(precision or tgt.precision)
-    batch = batch_size or shape_batch or tgt.default_batch
+    precision = check_precision(opts.precision or tgt.precision)
+    batch = opts.batch_size or shape_batch or tgt.default_batch
     if batch < 1:
         raise UsageError("--batch-size must be at least 1")
     notes: list[str] = []
@@ -401,7 +421,7 @@ def profile_target(target: str, *, dataset: str | None = None, input_shape: str 
 
     train_doc = None
     saved = largest = None
-    if training:
+    if opts.training:
         if not trainable:
             notes.append("no trainable parameters: no training step")
         else:
@@ -479,5 +499,5 @@ def profile_target(target: str, *, dataset: str | None = None, input_shape: str 
     return ProfileResult(
         target=target, kind=tgt.kind, model=tgt.name, input_shape=[batch, *tgt.input_shape], batch_size=batch,
         precision=precision, counted_on=counted_on, convention=CONVENTION, params=params, forward=forward,
-        by_op=by_op, modules=_module_rows(model, fwd, shapes, depth), uncounted=dict(fwd.uncounted),
+        by_op=by_op, modules=_module_rows(model, fwd, shapes, opts.depth), uncounted=dict(fwd.uncounted),
         zero_cost=dict(fwd.listed_zero), memory=memory, training=train_doc, latency=lat, notes=notes)
