@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -24,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dlkit import __version__
+from dlkit import __version__, output
 from dlkit.errors import ArtifactError, UsageError
 from dlkit.registry import Registry
+from dlkit.output import work_folder  # noqa: F401  (re-exported: callers find it here)
 from dlkit.spec import DataSpec
 
 FORMAT = "dlkit-artifact"
@@ -84,7 +84,7 @@ def _codec(manifest: dict) -> tuple[WeightsCodec, dict] | None:
 
 
 def resolve_path(arg: str, *, stdin=None) -> Path:
-    """An artifact path from the command line; ``-`` reads it from stdin (its last non-empty line)."""
+    """An artifact path from the command line; ``-`` reads it from stdin (exactly one non-empty line)."""
     if arg != "-":
         return Path(arg)
     stream = stdin or sys.stdin
@@ -95,7 +95,11 @@ def resolve_path(arg: str, *, stdin=None) -> Path:
     if not lines:
         raise UsageError("'-' reads an artifact path from stdin, but stdin was empty",
                          hint="did the command before the pipe fail?")
-    return Path(lines[-1])
+    if len(lines) > 1:
+        shown = ", ".join(lines[:3]) + (", ..." if len(lines) > 3 else "")
+        raise UsageError(f"'-' reads one artifact path from stdin, but it held {len(lines)} lines: {shown}",
+                         hint="pipe one path (dlkit compare - takes several)")
+    return Path(lines[0])
 
 
 def sha256_file(path: Path) -> str:
@@ -127,45 +131,60 @@ def lineage_step(step: str, options: dict, metrics: dict, parent: str | None = N
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dlkit_version": __version__}
 
 
-def work_folder(final: Path) -> Path:
-    """Where an artifact is assembled before the rename (also holds a resumable checkpoint)."""
-    return final.with_name(final.name + ".partial")
-
-
-def check_destination(final: Path) -> None:
-    if final.exists():
-        raise UsageError(f"{final} already exists", hint="choose another --out, or remove it first")
-    if not final.parent.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
+def check_destination(final: Path, *, resumable=None, resume: bool = False) -> bool:
+    """Fail early, before any work, when ``final`` cannot be written: it exists, a work folder or
+    a link is in the way, or its folder cannot be made (one line naming the path and the cause).
+    Returns True when a training run's work folder is to be resumed (see output.check_free)."""
+    with output.Destination(final):
+        return output.check_free(final, resumable=resumable, resume=resume)
 
 
 def write_artifact(final: Path, model, manifest: dict, *, work: Path | None = None,
                    files: dict[str, bytes | str] | None = None) -> Path:
-    """Save ``model`` and ``manifest`` (plus ``files``) as an artifact at ``final``, atomically."""
+    """Save ``model`` and ``manifest`` (plus ``files``) as an artifact at ``final``, atomically.
+
+    Without ``work`` the artifact is built in a fresh work folder, removed again on failure. With
+    ``work`` (a training run's folder, holding its checkpoint) that folder is kept on failure, so
+    nothing finished is lost. Returns where the artifact landed: ``final``, or ``final-N`` when
+    ``final`` appeared meanwhile (see dlkit.output.commit)."""
+    final = Path(final)
+    with output.Destination(final):
+        own = work is None
+        if own:
+            output.check_free(final)
+            work = output.create_work(final)
+        try:
+            _write_contents(Path(work), model, manifest, files or {})
+        except BaseException as exc:
+            if own:
+                shutil.rmtree(work, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise output.os_error(exc) from None
+            raise
+        return output.commit(Path(work), final)
+
+
+def _write_contents(work: Path, model, manifest: dict, files: dict[str, bytes | str]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
-    check_destination(final)
-    work = work or work_folder(final)
-    work.mkdir(parents=True, exist_ok=True)
+    codec = _codec(manifest)
     try:
-        codec = _codec(manifest)
         if codec is None:
             save_model(model, str(work / WEIGHTS))
         else:
             save_file(codec[0].encode(model, codec[1]), str(work / WEIGHTS))
-        manifest = dict(manifest)
-        manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)}
-        for name, content in (files or {}).items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(work / name, mode) as f:
-                f.write(content)
-        (work / METRICS).write_text(json.dumps(manifest.get("metrics", {}), indent=2))
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.rename(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return final
+    except SafetensorError as exc:  # its I/O errors carry no errno: keep the system's words
+        raise output.OutputError(f"cannot write {work / WEIGHTS}: {str(exc).splitlines()[0]}",
+                                 hint="free some space or choose another --out") from None
+    manifest = dict(manifest)
+    manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)}
+    for name, content in files.items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(work / name, mode) as f:
+            f.write(content)
+    (work / METRICS).write_text(json.dumps(manifest.get("metrics", {}), indent=2))
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 @dataclass
@@ -233,6 +252,72 @@ def load_data(artifact: Artifact, *, why: str, dataset: str | None = None, data_
                         hint=exc.hint or "pass --data-dir") from None
 
 
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)  # JSON true is not a number
+
+
+def manifest_problems(m: dict) -> list[str]:
+    """Everything wrong with a manifest's fields (types, ranges, required keys), all at once."""
+    from dlkit.choices import PRECISIONS
+
+    problems = []
+    version = m.get("format_version")
+    if not _is(version, int):
+        problems.append(f"format_version must be an integer from 1 to {FORMAT_VERSION}, not {json.dumps(version)}")
+    elif not 1 <= version <= FORMAT_VERSION:
+        problems.append(f"format_version {version} is not one (1 to {FORMAT_VERSION})")
+
+    def need(parent: dict, key: str, kind, what: str, where: str, optional: bool = False):
+        value = parent.get(key)
+        if value is None and optional:
+            return None
+        if not _is(value, kind):
+            problems.append(f"'{where}{key}' must be {what}" + ("" if key in parent else " (missing)"))
+            return None
+        return value
+
+    model = need(m, "model", dict, "an object", "")
+    if model is not None:
+        name = need(model, "name", str, "a model name", "model.")
+        if name == "":
+            problems.append("'model.name' is empty")
+        need(model, "config", dict, "an object", "model.")
+        need(model, "family", str, "a string", "model.", optional=True)
+        transforms = need(model, "transforms", list, "a list", "model.", optional=True)
+        for i, t in enumerate(transforms or []):
+            if not isinstance(t, dict) or not _is(t.get("kind"), str):
+                problems.append(f"'model.transforms[{i}]' must be an object with a 'kind'")
+    data = need(m, "data", dict, "an object", "")
+    if data is not None:
+        spec = need(data, "spec", dict, "an object", "data.")
+        if spec is not None:
+            try:
+                DataSpec.from_dict(spec)
+            except (KeyError, TypeError, ValueError) as exc:
+                problems.append(f"'data.spec' is not a data spec ({type(exc).__name__}: {exc})")
+        need(data, "dataset", str, "a dataset name or null", "data.", optional=True)
+        need(data, "state", dict, "an object", "data.", optional=True)
+    weights = need(m, "weights", dict, "an object with 'file' and 'sha256'", "")
+    if weights is not None:
+        file = need(weights, "file", str, "a file name", "weights.")
+        if file is not None and Path(file).name != file:
+            problems.append("'weights.file' names a file outside the artifact")
+        need(weights, "sha256", str, "a hex digest", "weights.", optional=True)
+    seed = m.get("seed")
+    if seed is not None and not _is(seed, int):
+        problems.append("'seed' must be an integer")
+    if m.get("precision") is not None and m.get("precision") not in PRECISIONS:
+        problems.append(f"'precision' must be one of {', '.join(PRECISIONS)}")
+    lineage = need(m, "lineage", list, "a list", "", optional=True)
+    for i, step in enumerate(lineage or []):
+        if not isinstance(step, dict) or not _is(step.get("step"), str):
+            problems.append(f"'lineage[{i}]' must be an object with a 'step'")
+        elif step.get("options") is not None and not isinstance(step["options"], dict):
+            problems.append(f"'lineage[{i}].options' must be an object")
+    need(m, "metrics", dict, "an object", "", optional=True)
+    return problems
+
+
 def read_artifact(path: Path | str) -> Artifact:
     """Read and validate an artifact's manifest (no weights are loaded)."""
     path = Path(path)
@@ -246,16 +331,44 @@ def read_artifact(path: Path | str) -> Artifact:
         manifest = json.loads((path / MANIFEST).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path / MANIFEST} is not valid JSON ({exc})", hint="the artifact is corrupted") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path / MANIFEST}: {exc.strerror}", hint="check its permissions") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a dlkit artifact (its manifest has no '{FORMAT}' format)")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format {version}; this dlkit reads up to {FORMAT_VERSION}",
                             hint="upgrade dlkit")
-    for key in ("model", "data", "weights"):
-        if key not in manifest:
-            raise ArtifactError(f"{path / MANIFEST} lacks '{key}'", hint="the artifact is corrupted")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ArtifactError(f"{path / MANIFEST} is malformed: " + "; ".join(problems),
+                            hint="the artifact is corrupted or was not written by dlkit")
     return Artifact(path, manifest)
+
+
+def _check_tensors(weights: Path, model, model_name: str) -> None:
+    """Every stored tensor has the shape and dtype the rebuilt model expects (names the first that
+    does not); read from the safetensors header alone."""
+    import torch
+    from safetensors import safe_open
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    expected = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if key not in expected:
+                continue
+            sl = f.get_slice(key)
+            shape, want = list(sl.get_shape()), list(expected[key].shape)
+            if shape != want:
+                raise ArtifactError(f"{weights}: tensor '{key}' has shape {shape}, but model '{model_name}' as its "
+                                    f"manifest configures it expects {want}", hint="the artifact is corrupted")
+            dtype = str(sl.get_dtype())
+            want_dtype = names.get(expected[key].dtype)
+            if want_dtype is not None and dtype != want_dtype:
+                raise ArtifactError(f"{weights}: tensor '{key}' is {dtype}, but model '{model_name}' expects "
+                                    f"{want_dtype}", hint="the artifact is corrupted")
 
 
 def load_model(artifact: Artifact, *, verify: bool = True):
@@ -283,6 +396,7 @@ def load_model(artifact: Artifact, *, verify: bool = True):
     codec = _codec(artifact.manifest)
     try:
         if codec is None:
+            _check_tensors(weights, model, model_doc["name"])
             missing, unexpected = st_load_model(model, str(weights), strict=False)
         else:
             missing, unexpected = codec[0].decode(model, load_file(str(weights)), codec[1])

@@ -35,6 +35,10 @@ class IncompatibleError(UsageError):
     """A model and a dataset (or input shape) that cannot work together."""
 
 
+class OutputError(UsageError):
+    """An output path that cannot be written, or that something else holds or blocks."""
+
+
 class DataError(DlkitError):
     """Data that cannot be found, downloaded, verified or parsed."""
 
