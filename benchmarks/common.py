@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent  # the repository
+# Instruction sets that decide int8/bf16 speed (/proc/cpuinfo flags): AVX2; AVX512-VNNI (or
+# AVX-VNNI) for one-instruction int8 multiply-accumulate; AVX512-BF16 and AMX for native bf16/int8.
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 # Time models the way the `dlkit` command runs them: with freed memory kept in the process
 # (dlkit/malloc.py). Without it, page faults make fp32 latencies bimodal (a batch-256 cnn forward
@@ -19,19 +23,38 @@ from dlkit.malloc import keep_freed_memory  # noqa: E402
 keep_freed_memory()
 
 
+def _cpuinfo(key: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.split(":", 1)[0].strip() == key), "")
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of FLAGS this CPU has (empty where /proc/cpuinfo cannot be read)."""
+    present = set(_cpuinfo("flags").split())
+    return {f: f in present for f in FLAGS} if present else {}
+
+
 def machine() -> dict:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    return {"cpu": _cpuinfo("model name") or "unknown", "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def portable(value):
+    """``value`` with absolute paths made machine-free: relative to the repository when inside it,
+    else the last component (a temporary folder's name means nothing elsewhere)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    return value
 
 
 def median(xs):
@@ -61,6 +84,6 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 def write_json(name: str, doc: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **doc}, indent=2))
+    path.write_text(json.dumps(portable({"machine": machine(), **doc}), indent=2))
     print(f"\nwrote {path}")
     return path

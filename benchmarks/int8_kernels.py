@@ -23,25 +23,15 @@ import copy
 import torch
 from torch import nn
 
-from common import print_table, write_json
+from common import cpu_flags, print_table, write_json
 
-from dlkit.compress.quantize import measure_latency as alternate  # medians, runs interleaved
+# The timing loop of dlkit's one measurement (dlkit.profiling.measure_models), on single layers:
+# medians, runs alternating. (measure_models itself also counts MACs and serializes weights, which
+# bare int8 layers fed int8 tensors do not support.)
+from dlkit.profiling import time_round_robin as alternate
 
 LINEAR = [(256, 256), (512, 512), (1024, 1024), (2048, 2048), (3136, 128)]
 CONV = [(1, 32, 28), (3, 16, 32), (16, 16, 28), (32, 64, 14), (64, 64, 14), (128, 128, 7)]
-FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-
-
-def cpu_flags() -> dict[str, bool]:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return {}
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = set(line.split(":", 1)[-1].split())
-    return {f: f in present for f in FLAGS}
-
-
 def static_int8(float_module: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
     """Eager post-training int8 of one layer; returns it and the example as int8 input."""
     from torch.ao import quantization as tq

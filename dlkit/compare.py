@@ -1,12 +1,13 @@
 """Compare artifacts side by side: accuracy, parameters, MACs, size on disk, latency.
 
-Everything is measured in this one run (latency in alternating rounds, so machine noise hits every
-artifact alike), and each number is also given as a ratio to the first artifact.
+Everything is measured in this one run by ``dlkit.profiling.measure_models``, the measurement
+prune and quantize report too (each model run as ``dlkit evaluate`` runs it, on the same real
+samples, in alternating rounds), so the same pair gets the same speed-up in every command. Each
+number is also given as a ratio to the first artifact.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,13 +61,6 @@ def parse_floors(items: list[str] | None) -> dict[str, float]:
     return floors
 
 
-def example(spec, batch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    if spec.modality == "text":
-        return torch.randint(2, spec.vocab_size, (batch, *spec.input_shape), generator=g)
-    return torch.randn(batch, *spec.input_shape, generator=g)
-
-
 def pareto(points: list[tuple[float, float]]) -> list[bool]:
     """points are (cost, accuracy): on the front when no other point is as cheap and as accurate,
     and strictly better in one."""
@@ -80,7 +74,8 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 @dataclass
 class CompareOptions:
     batches: tuple[int, ...] = (1, 256)
-    rounds: int = 3  # alternating timing rounds; medians reported
+    rounds: int = 10  # alternating timing rounds (batch 1: 4x as many); medians reported
+    threads: int | None = None  # torch threads while timing; None: as set
     floors: dict[str, float] = field(default_factory=dict)  # metric -> the least value that passes
     data_dir: str | None = None
     device: str = "cpu"
@@ -98,34 +93,14 @@ class CompareOptions:
 
 def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = None) -> CompareResult:
     from dlkit import artifacts
-    from dlkit.api import EvaluateOptions, evaluate_artifact
     from dlkit.device import resolve_device
-    from dlkit.profiling import count_macs, measure_latency
 
     opts = (opts or CompareOptions()).validate()
-    batches, rounds, floors = tuple(opts.batches), opts.rounds, opts.floors
     if not paths:
         raise UsageError("compare needs at least one artifact")
     dev = resolve_device(opts.device)
     arts = [artifacts.read_artifact(p) for p in paths]
-    models, rows = [], []
-    for art in arts:
-        model = artifacts.load_model(art).to(dev).eval()
-        models.append(model)
-        ev = evaluate_artifact(art.path, EvaluateOptions(data_dir=opts.data_dir, device=str(dev))).result
-        counts = count_macs(model, example(art.spec, 1).to(dev))
-        size = sum(f.stat().st_size for f in art.path.glob("*.safetensors"))
-        step = art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"
-        rows.append(Row(str(art.path), art.model_name, art.dataset, step, ev.accuracy, ev.macro_f1,
-                        counts.params, counts.macs, size, {}))
-    samples: dict[tuple[int, int], list[float]] = {}
-    for _ in range(rounds):
-        for b in batches:
-            for i, (art, model) in enumerate(zip(arts, models)):
-                lat = measure_latency(model, example(art.spec, b).to(dev), precision=art.precision)
-                samples.setdefault((i, b), []).append(lat.median_ms)
-    for i, row in enumerate(rows):
-        row.latency_ms = {b: statistics.median(samples[(i, b)]) for b in batches}
+    rows = _measure(arts, opts, dev)
     first = rows[0]
     for row in rows:
         row.ratios = {
@@ -133,19 +108,55 @@ def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = Non
             "params": row.params / first.params if first.params else float("nan"),
             "macs": row.macs / first.macs if first.macs else float("nan"),
             "size": row.size_bytes / first.size_bytes if first.size_bytes else float("nan"),
-            **{f"speedup_b{b}": first.latency_ms[b] / row.latency_ms[b] for b in batches},
+            **{f"speedup_b{b}": first.latency_ms[b] / row.latency_ms[b] for b in opts.batches},
         }
-    big = max(batches)
+    big = max(opts.batches)
     for key, costs in (("latency", [r.latency_ms[big] for r in rows]), ("size", [r.size_bytes for r in rows])):
         for row, on in zip(rows, pareto(list(zip(costs, [r.accuracy for r in rows])))):
             row.pareto[key] = on
     failures = []
-    for metric, floor in (floors or {}).items():
+    for metric, floor in opts.floors.items():
         for row in rows:
             value = getattr(row, metric)
             if not value >= floor:
                 failures.append(f"{row.artifact}: {metric} {value:.4f} < {floor}")
-    return CompareResult(rows, tuple(batches), str(dev), torch.get_num_threads(), failures)
+    return CompareResult(rows, tuple(opts.batches), str(dev), opts.threads or torch.get_num_threads(), failures)
+
+
+def _measure(arts, opts: CompareOptions, dev) -> list[Row]:
+    """Accuracy (``evaluate_artifact``) and the one measurement of every artifact, timed together
+    on real test samples (each artifact's own data: the same inputs where they share a dataset)."""
+    from dlkit import artifacts
+    from dlkit.api import EvaluateOptions, evaluate_artifact
+    from dlkit.profiling.measure import Subject, example_batch, measure_models
+
+    big = max(opts.batches)
+    samples: dict[tuple, object] = {}
+    subjects, evals = [], []
+    for art in arts:
+        model = artifacts.load_model(art)
+        evals.append(evaluate_artifact(art.path, EvaluateOptions(data_dir=opts.data_dir, device=str(dev))).result)
+        key = (art.dataset, art.spec.input_shape)
+        if key not in samples:
+            data = artifacts.load_data(art, why="measuring latency", data_dir=opts.data_dir) if art.dataset else None
+            samples[key] = example_batch(art.spec, big, data)
+        subjects.append(Subject(model, samples[key], art.precision, _codec_transform(art)))
+    measured = measure_models(subjects, device=dev, batches=tuple(opts.batches), repeats=opts.rounds,
+                              threads=opts.threads)
+    rows = []
+    for art, ev, m in zip(arts, evals, measured):
+        step = art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"
+        rows.append(Row(str(art.path), art.model_name, art.dataset, step, ev.accuracy, ev.macro_f1,
+                        m.params, m.macs, m.size_bytes, dict(m.latency_ms)))
+    return rows
+
+
+def _codec_transform(art) -> dict | None:
+    """The artifact's last transform that stores its weights through a codec (int8, fp16), if any."""
+    from dlkit import artifacts
+
+    return next((t for t in reversed(art.manifest["model"].get("transforms", [])) if t["kind"] in artifacts.CODECS),
+                None)
 
 
 def plot_compare(result: CompareResult, path: Path) -> None:

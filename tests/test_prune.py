@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from dlkit import artifacts
 from dlkit.api import EvaluateOptions, TrainRequest, evaluate_artifact, train_model
 from dlkit.cli import app
-from dlkit.compress.prune import (PruneOptions, count_macs, list_units, prune_artifact, prune_structured)
+from dlkit.compress.prune import PruneOptions, prune_artifact
+from dlkit.compress.search import count_macs
+from dlkit.compress.structured import list_units, prune_structured
 from dlkit.compress.rnn_prune import keep_top, prune_hidden, unit_importance
 from dlkit.config import to_dict
 from dlkit.errors import UsageError

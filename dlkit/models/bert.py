@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.models.transformer import Attention, block_widths
 from dlkit.spec import TEXT, DataSpec
 
@@ -95,7 +95,12 @@ class Bert(nn.Module):
         return block_widths(self.blocks, self.pooler.in_features, "BERT")
 
 
+# Whole heads and FFN neurons; the pooler keeps the residual width its config ties to ``dim``.
+SUPPORT = Support(prune="heads", blocks="blocks", kept=("pooler",), widths=Bert.width_overrides)
+
+
 @register_model("bert-base", family="bert", build=Bert, modalities=(TEXT,), default_dataset="sst2-bert",
+                support=SUPPORT,
                 train_defaults=dict(optimizer="adamw", lr=2e-5, weight_decay=0.01, epochs=3, batch_size=32,
                                     schedule="cosine", warmup=0.1))
 def bert_base() -> BertConfig:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, DataSpec
 
 
@@ -80,19 +80,21 @@ class CNN(nn.Module):
 
 # 6 epochs: on a 2-core AVX2 machine (about 2,000 samples/s) this reached 92.0% test accuracy on
 # Fashion-MNIST in 178 s wall, start-up included (benchmarks/accuracy.py).
+# Torch-Pruning removes conv channels and dense units; the layers form one chain for static int8.
+SUPPORT = Support(prune="channels", static_int8=True, widths=CNN.width_overrides)
 TRAIN = dict(optimizer="adamw", lr=3e-3, weight_decay=0.01, epochs=6, batch_size=128,
              schedule="onecycle", warmup=0.0)
 
 
 @register_model(family="cnn", build=CNN, modalities=(IMAGE,), default_dataset="mnist",
-                train_defaults=TRAIN)
+                train_defaults=TRAIN, support=SUPPORT)
 def cnn() -> CNNConfig:
     """CNN conv32-pool-conv64-pool-dense128 with BatchNorm and dropout."""
     return CNNConfig()
 
 
 @register_model(family="cnn", build=CNN, modalities=(IMAGE,), default_dataset="mnist",
-                train_defaults=TRAIN)
+                train_defaults=TRAIN, support=SUPPORT)
 def lenet5() -> CNNConfig:
     """LeNet-5: conv6-pool-conv16-pool-dense120-dense84 (28x28 input padded to 32x32)."""
     return CNNConfig(channels=(6, 16), kernel_size=5, padding=(2, 0), hidden=(120, 84),

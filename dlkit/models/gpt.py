@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.models.transformer import Block, block_widths
 from dlkit.spec import TEXT, DataSpec
 
@@ -88,7 +88,10 @@ class GPT(nn.Module):
         return block_widths(self.blocks, self.norm.normalized_shape[0], "GPT")
 
 
-@register_model("gpt2", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="sst2-gpt2",
+SUPPORT = Support(prune="heads", blocks="blocks", widths=GPT.width_overrides)
+
+
+@register_model("gpt2", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="sst2-gpt2", support=SUPPORT,
                 train_defaults=dict(optimizer="adamw", lr=5e-5, weight_decay=0.01, epochs=3, batch_size=16,
                                     schedule="cosine", warmup=0.1))
 def gpt2() -> GPTConfig:

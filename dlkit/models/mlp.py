@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dlkit.errors import UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, TEXT, DataSpec
 
 
@@ -70,8 +70,12 @@ TRAIN = dict(optimizer="adamw", lr=3e-3, weight_decay=5e-4, epochs=10, batch_siz
              schedule="onecycle", warmup=0.0, label_smoothing=0.1)
 
 
+# Torch-Pruning removes hidden units; on images the dense chain takes static int8.
+SUPPORT = Support(prune="channels", static_int8=True, widths=MLP.width_overrides)
+
+
 @register_model(family="mlp", build=MLP, modalities=(IMAGE, TEXT), default_dataset="mnist",
-                train_defaults=TRAIN)
+                train_defaults=TRAIN, support=SUPPORT)
 def mlp() -> MLPConfig:
     """MLP 784-128-64-10 (flattened pixels, or mean-pooled token embeddings)."""
     return MLPConfig()

@@ -10,7 +10,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
 from dlkit.errors import UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, DataSpec
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -165,9 +165,14 @@ IMAGENET_TRAIN = dict(optimizer="sgd", lr=0.1, weight_decay=1e-4, epochs=90, bat
                       schedule="cosine", warmup=0.0)
 
 
+# Torch-Pruning follows the residual coupling; the residual add goes through a FloatFunctional,
+# so the blocks take eager static int8.
+SUPPORT = Support(prune="channels", static_int8=True, widths=ResNet.width_overrides)
+
+
 def _register(dataset: str, train: dict):
     return register_model(family="resnet", build=ResNet, modalities=(IMAGE,),
-                          default_dataset=dataset, train_defaults=train)
+                          default_dataset=dataset, train_defaults=train, support=SUPPORT)
 
 
 @_register("cifar10", CIFAR_TRAIN)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from dlkit.errors import UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, TEXT, DataSpec
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -82,11 +82,16 @@ class RNN(nn.Module):
         return out
 
 
+# One recurrent cell's hidden units (dlkit.compress.rnn_prune); no eager static int8 path for
+# recurrent cells (dynamic int8 covers LSTM and GRU).
+SUPPORT = Support(prune="rnn", cell="rnn", widths=RNN.width_overrides)
+
+
 def _register(lr: float):
     train = dict(optimizer="adam", lr=lr, weight_decay=0.0, epochs=10, batch_size=128,
                  schedule="cosine", warmup=0.0)
     return register_model(family="rnn", build=RNN, modalities=(IMAGE, TEXT), default_dataset="mnist",
-                          train_defaults=train)
+                          train_defaults=train, support=SUPPORT)
 
 
 @_register(1e-3)  # a plain tanh RNN diverges more easily than the gated cells

@@ -15,7 +15,7 @@ from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.models.mlp import masked_mean
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, TEXT, DataSpec
 
 
@@ -185,19 +185,23 @@ class Transformer(nn.Module):
         return block_widths(self.blocks, self.norm.normalized_shape[0], "the transformer")
 
 
+# Whole heads and FFN neurons; the residual width stays (the patch embedding writes it). Attention
+# is not a chain of modules eager static int8 can follow.
+SUPPORT = Support(prune="heads", blocks="blocks", kept=("patch",), unwrapped=("cls", "pos"),
+                  widths=Transformer.width_overrides)
 TRAIN = dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=10, batch_size=128,
              schedule="cosine", warmup=0.1)
 
 
 @register_model(family="transformer", build=Transformer, modalities=(IMAGE, TEXT),
-                default_dataset="mnist", train_defaults=TRAIN)
+                default_dataset="mnist", train_defaults=TRAIN, support=SUPPORT)
 def transformer() -> TransformerConfig:
     """Tiny transformer encoder: dim 64, 2 blocks, 4 heads (4x4 image patches or tokens)."""
     return TransformerConfig()
 
 
 @register_model(family="transformer", build=Transformer, modalities=(IMAGE, TEXT),
-                default_dataset="mnist", train_defaults=TRAIN)
+                default_dataset="mnist", train_defaults=TRAIN, support=SUPPORT)
 def transformer_small() -> TransformerConfig:
     """Small transformer encoder: dim 128, 4 blocks, 4 heads, FFN 256."""
     return TransformerConfig(dim=128, depth=4, heads=4, ffn_dim=256)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.spec import IMAGE, DataSpec
 
 IMAGENET_SIZE = 224
@@ -104,15 +104,18 @@ TRAIN = dict(optimizer="sgd", lr=0.01, weight_decay=5e-4, epochs=30, batch_size=
              schedule="cosine", warmup=0.0)
 
 
+SUPPORT = Support(prune="channels", static_int8=True, widths=VGG.width_overrides)
+
+
 @register_model(family="vgg", build=VGG, modalities=(IMAGE,), default_dataset="cifar10",
-                train_defaults=TRAIN)
+                train_defaults=TRAIN, support=SUPPORT)
 def vgg11() -> VGGConfig:
     """VGG-11 (configuration A): 8 convs in 5 stages."""
     return VGGConfig(stages=(1, 1, 2, 2, 2), channels=(64, 128, 256, 256, 512, 512, 512, 512))
 
 
 @register_model(family="vgg", build=VGG, modalities=(IMAGE,), default_dataset="cifar10",
-                train_defaults=TRAIN)
+                train_defaults=TRAIN, support=SUPPORT)
 def vgg16() -> VGGConfig:
     """VGG-16 (configuration D): 13 convs in 5 stages."""
     return VGGConfig()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlkit.errors import UsageError
-from dlkit.models.registry import register_model
+from dlkit.models.registry import Support, register_model
 from dlkit.models.transformer import Block, block_widths
 from dlkit.spec import IMAGE, DataSpec
 
@@ -77,7 +77,11 @@ class ViT(nn.Module):
         return block_widths(self.blocks, self.norm.normalized_shape[0], "the ViT")
 
 
-@register_model("vit-b16", family="vit", build=ViT, modalities=(IMAGE,), default_dataset="imagenet",
+SUPPORT = Support(prune="heads", blocks="blocks", kept=("patch",), unwrapped=("cls", "pos"),
+                  widths=ViT.width_overrides)
+
+
+@register_model("vit-b16", family="vit", build=ViT, modalities=(IMAGE,), default_dataset="imagenet", support=SUPPORT,
                 train_defaults=dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=300,
                                     batch_size=256, schedule="cosine", warmup=0.03))
 def vit_b16() -> ViTConfig:

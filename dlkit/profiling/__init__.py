@@ -13,6 +13,11 @@ The small reusable API (other commands, recipes and benchmarks call these):
                     precision="fp32") -> Latency(batch, median_ms, p90_ms, samples_per_s, ...)
         Inference-mode timing of ``model(example)`` after warm-up.
 
+    measure_models([Subject(model, samples, precision, transform), ...], device=, batches=(1, 256),
+                   repeats=10, threads=None) -> [Measurement(params, macs, size_bytes, zeros, latency_ms, ...)]
+        The one before/after measurement (prune, quantize, compare, benchmarks): every model
+        prepared as ``dlkit evaluate`` runs it, on the same inputs, timed in alternation (medians).
+
     profile_target(target, ProfileOptions(...)) -> ProfileResult
         Everything ``dlkit profile`` reports, for a registry name, an artifact folder (or ``-``)
         or ``path/to/file.py:ClassName``.
@@ -37,11 +42,14 @@ from torch import nn
 from dlkit.profiling.counting import (FUNCTION_HANDLES, OP_HANDLES, Cost, Counter_, OpCounts, rnn_cost,
                                       sdpa_cost, set_op_handle)
 from dlkit.profiling.latency import Latency, measure_latency
+from dlkit.profiling.measure import (Measurement, Subject, example_batch, measure_models, time_round_robin,
+                                    weights_bytes)
 from dlkit.profiling.profile import CONVENTION, ProfileOptions, ProfileResult, load_module_class, profile_target
 
 __all__ = [
     "CONVENTION", "Cost", "Counts", "Latency", "OpCounts", "ProfileOptions", "ProfileResult", "count_macs", "count_ops",
-    "count_params", "cross_check", "load_module_class", "measure_latency", "profile_target", "set_op_handle",
+    "count_params", "cross_check", "load_module_class", "measure_latency",
+    "Measurement", "Subject", "example_batch", "measure_models", "time_round_robin", "weights_bytes", "profile_target", "set_op_handle",
     "OP_HANDLES", "FUNCTION_HANDLES", "rnn_cost", "sdpa_cost",
 ]
 

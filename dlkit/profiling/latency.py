@@ -1,4 +1,6 @@
-"""Latency: median and p90 of repeated forward passes after warm-up, and throughput."""
+"""Latency of one model: median and p90 of repeated forward passes after warm-up, and throughput
+(``dlkit profile``). Models compared before/after go through ``measure.measure_models`` instead,
+which times them alternately, prepared alike."""
 
 from __future__ import annotations
 

@@ -1,0 +1,171 @@
+"""The one before/after measurement: counts, size and latency of several models, prepared alike.
+
+``prune``, ``quantize``, ``compare`` and the benchmarks all call :func:`measure_models`, so the same
+pair of models gets the same speed-up everywhere. Each model is
+
+- prepared the way ``dlkit evaluate`` runs it (``dlkit.device.prepare_inference``: the device, and
+  channels_last where training used it), under its artifact's precision (``dlkit.device.autocast``);
+- fed the same inputs: batches cut from ``samples`` (real samples of the data when at hand, so token
+  ids are valid; :func:`example_batch` otherwise draws random ones);
+- timed in round-robin: every repeat runs each model once, in turn, so load on a shared machine
+  falls on all of them alike; the median of the repeats is reported, CUDA synchronised around
+  every run.
+
+Timings assume freed memory is kept in the process (``dlkit.malloc.keep_freed_memory``, which the
+``dlkit`` command and the benchmarks call at start-up): without it glibc's page faults depend on
+what ran before, and a ratio measures the allocator as much as the models.
+
+Size has one meaning: the bytes of the weights as an artifact stores them, i.e. the length of the
+safetensors file holding the state dict, through the artifact's weights codec when the model is
+transformed (int8 tensors, scales and zero points; fp16/bf16 halves). For an artifact this equals
+the size of its ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+SMALL_BATCH = 16  # batches below this are short and noisy: they run SMALL_FACTOR times as often
+SMALL_FACTOR = 4
+WARMUP = 2
+
+
+@dataclass
+class Measurement:
+    """One model measured: counts (one MAC = one multiply-add), size, median latencies."""
+
+    params: int
+    macs: int
+    size_bytes: int  # the safetensors weights as the artifact stores them (codec included)
+    zeros: int  # parameters that are exactly zero
+    latency_ms: dict[int, float]  # batch -> median milliseconds per forward
+    repeats: dict[int, int]  # batch -> timed runs
+    device: str
+    precision: str
+    channels_last: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Subject:
+    """A model to measure, and how its artifact runs and stores it."""
+
+    model: nn.Module
+    samples: torch.Tensor  # inputs, on the CPU; batches are cut (and repeated) from it
+    precision: str = "fp32"
+    transform: dict | None = None  # the artifact's last transform with a weights codec (int8, fp16)
+    input_shape: tuple[int, ...] | None = None  # per sample; default samples.shape[1:]
+
+
+def example_batch(spec, batch: int, data=None) -> torch.Tensor:
+    """``batch`` real test samples when ``data`` is at hand (valid token ids), else random ones."""
+    if data is not None and len(data.test[0]) >= 1:
+        return repeat_to(data.test[0], batch).clone()
+    g = torch.Generator().manual_seed(0)
+    if spec.modality == "text":
+        return torch.randint(1, spec.vocab_size, (batch, *spec.input_shape), generator=g)
+    return torch.randn(batch, *spec.input_shape, generator=g)
+
+
+def repeat_to(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first ``batch`` rows of ``x``, repeated when it has fewer."""
+    if len(x) < batch:
+        x = x.repeat((math.ceil(batch / len(x)),) + (1,) * (x.ndim - 1))
+    return x[:batch]
+
+
+def weights_bytes(model: nn.Module, transform: dict | None = None) -> int:
+    """Bytes of the safetensors file an artifact writes for ``model`` (see the module docstring)."""
+    from safetensors.torch import save
+
+    if transform is not None:
+        from dlkit import artifacts
+
+        tensors = artifacts.CODECS.get(transform["kind"]).encode(model, transform)
+    else:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return len(save(tensors))
+
+
+def count_zeros(model: nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in model.parameters())
+
+
+def measure_models(subjects: list[Subject], *, device: torch.device | str = "cpu",
+                   batches: tuple[int, ...] = (1, 256), repeats: int = 10,
+                   threads: int | None = None) -> list[Measurement]:
+    """Measure every subject (see the module docstring). The models come on the CPU (counted there)
+    and are moved to ``device``; int8 models run on the CPU only."""
+    from dlkit.device import prepare_inference
+    from dlkit.profiling import count_macs, count_params
+
+    dev = torch.device(device)
+    counts = []
+    for s in subjects:
+        s.model.eval()
+        counts.append((count_params(s.model), count_macs(s.model, s.samples[:1]).macs, weights_bytes(s.model, s.transform),
+                       count_zeros(s.model)))
+    layouts = [prepare_inference(s.model, dev, tuple(s.input_shape or s.samples.shape[1:])) for s in subjects]
+    runs = {b: repeats * (SMALL_FACTOR if b < SMALL_BATCH else 1) for b in batches}
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        latency = {b: _round_robin(subjects, layouts, dev, b, runs[b]) for b in batches}
+    finally:
+        torch.set_num_threads(previous)
+    return [Measurement(params=p, macs=m, size_bytes=size, zeros=z,
+                        latency_ms={b: latency[b][i] for b in batches}, repeats=dict(runs), device=str(dev),
+                        precision=s.precision, channels_last=cl)
+            for i, (s, cl, (p, m, size, z)) in enumerate(zip(subjects, layouts, counts))]
+
+
+def _round_robin(subjects: list[Subject], layouts: list[bool], dev: torch.device, batch: int,
+                 repeats: int) -> list[float]:
+    """Median milliseconds per forward of each subject at ``batch``, runs alternating."""
+    return time_round_robin([_call(s, cl, dev, batch) for s, cl in zip(subjects, layouts)], repeats, dev)
+
+
+def time_round_robin(calls: list[Callable[[], object]], repeats: int,
+                     device: torch.device | str = "cpu") -> list[float]:
+    """Median milliseconds of each call: ``WARMUP`` untimed runs each, then ``repeats`` rounds that
+    run every call once, in turn (CUDA synchronised around each run on a CUDA ``device``)."""
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for call in calls:
+        for _ in range(WARMUP):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            sync()
+            t = time.perf_counter()
+            call()
+            sync()
+            times[i].append(1000 * (time.perf_counter() - t))
+    return [statistics.median(ts) for ts in times]
+
+
+def _call(s: Subject, channels_last: bool, dev: torch.device, batch: int) -> Callable[[], None]:
+    """One inference forward of ``s`` on its batch, prepared once (layout, device), outside timing."""
+    from dlkit.device import autocast
+
+    x = repeat_to(s.samples, batch).to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def call() -> None:
+        with torch.inference_mode(), autocast(dev, s.precision):
+            s.model(x)
+
+    return call
