@@ -6,25 +6,27 @@ The CLI and recipes call these; they never print (progress goes to an Observer, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from dlkit import artifacts
-from dlkit.config import apply_overrides
 from dlkit.device import native_bf16, prepare_inference, resolve_device
 from dlkit.engine import distributed
-from dlkit.engine.distributed import env_world_size
+from dlkit.engine.distributed import Context, LocalContext, env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
 from dlkit.engine.history import CURVES, HistoryWriter, plot_confusion, plot_curves
 from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit, resolve_train_config
 from dlkit.errors import Interrupted, UsageError
+
+if TYPE_CHECKING:
+    from dlkit.data import DataBundle
 
 log = logging.getLogger("dlkit")
 
@@ -45,6 +47,23 @@ class TrainRequest:
     resume: bool = False
     seed: int = 0
     device: str = "auto"
+
+    def validate(self) -> "TrainRequest":
+        """Check what can be checked without loading anything: names, options, split and device."""
+        from dlkit.data import DATASETS, check_split_args
+        from dlkit.device import check_device_name
+        from dlkit.models import MODELS
+
+        MODELS.get(self.model)
+        DATASETS.get(self.dataset)  # unknown names fail before anything is loaded
+        check_split_args(self.val_fraction, self.seed)
+        check_device_name(self.device)
+        self.train_config()
+        return self
+
+    def train_config(self) -> TrainConfig:
+        """Global defaults, then the model's, then the dataset's, then the options given."""
+        return resolve_train_config(self.model, self.options, self.dataset)
 
 
 @dataclass
@@ -92,26 +111,24 @@ def _check_resume_matches(extra: dict, request: TrainRequest, cfg: TrainConfig, 
 
 def check_train_request(request: TrainRequest, world_size: int = 1) -> tuple[TrainConfig, Path]:
     """Fail early on what would fail later: names, options, the destination, the resume state."""
-    from dlkit.data import DATASETS
     from dlkit.engine.checkpoint import has_checkpoint
-    from dlkit.models import MODELS
 
-    MODELS.get(request.model)
-    DATASETS.get(request.dataset)  # unknown names fail before anything is loaded
-    cfg = resolve_train_config(request.model, request.options, request.dataset)
+    cfg = _train_config(request, world_size)
+    final = _destination(request)
+    artifacts.check_destination(final, resumable=has_checkpoint, resume=request.resume)
+    return cfg, final
+
+
+def _train_config(request: TrainRequest, world_size: int) -> TrainConfig:
+    cfg = request.validate().train_config()
     if cfg.batch_size < world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
                          f"{world_size} workers", hint="raise --batch-size")
-    final = Path(request.out) if request.out else default_out(request.model, request.dataset)
-    artifacts.check_destination(final)
-    work = artifacts.work_folder(final)
-    if request.resume and not has_checkpoint(work):
-        raise UsageError(f"nothing to resume: no checkpoint in {work}",
-                         hint="drop --resume to start a new run, or pass the --out of the interrupted run")
-    if not request.resume and work.exists():
-        raise UsageError(f"an unfinished run is in {work}",
-                         hint="add --resume to continue it, or remove that folder to start over")
-    return cfg, final
+    return cfg
+
+
+def _destination(request: TrainRequest) -> Path:
+    return Path(request.out) if request.out else default_out(request.model, request.dataset)
 
 
 def train_model(request: TrainRequest, *, observer: Observer | None = None,
@@ -124,141 +141,235 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
     """
     dist, device = distributed.setup(resolve_device(request.device))
     try:
-        return _train_model(request, dist, device, observer=observer, should_stop=should_stop,
+        return _train_model(request, dist or LocalContext(), device, observer=observer, should_stop=should_stop,
                             download_progress=download_progress)
     finally:
         distributed.teardown(dist)
 
 
-def _train_model(request: TrainRequest, dist: distributed.DistContext | None, device: torch.device, *,
-                 observer: Observer | None, should_stop: Callable[[], bool], download_progress) -> TrainResult | None:
-    from dlkit.data import DATASETS, load_dataset
-    from dlkit.engine.checkpoint import load_checkpoint, save_checkpoint
-    from dlkit.models import MODELS, create_model
+@dataclass
+class _Job:
+    """One training run under way: what the pieces of ``_train_model`` share."""
+
+    request: TrainRequest
+    cfg: TrainConfig
+    ctx: Context
+    device: torch.device
+    final: Path
+    data: DataBundle
+    model: torch.nn.Module
+    model_cfg: object
+
+    @property
+    def work(self) -> Path:
+        return artifacts.work_folder(self.final)
+
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint records, so that a resume with other settings is refused."""
+        r = self.request
+        return {"model": r.model, "dataset": r.dataset, "seed": r.seed, "train_config": dataclasses.asdict(self.cfg),
+                "overrides": r.overrides, "data_options": r.data_options, "world_size": self.ctx.world_size}
+
+    def fit(self, state: TrainState | None, opt_state: dict | None, **kw) -> tuple[TrainState, torch.optim.Optimizer]:
+        from dlkit.data import DATASETS
+
+        return fit(self.model, self.data.train, self.data.val, self.cfg, device=self.device, seed=self.request.seed,
+                   augment=DATASETS.get(self.request.dataset).augment, state=state, optimizer_state=opt_state,
+                   dist=self.ctx, **kw)
+
+
+def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, observer: Observer | None,
+                 should_stop: Callable[[], bool], download_progress) -> TrainResult | None:
+    from dlkit.models import create_model
 
     started = time.perf_counter()
-    entry = MODELS.get(request.model)
-    cfg, final = check_train_request(request, dist.world_size if dist else 1)
-    work = artifacts.work_folder(final)
-    if cfg.precision == "bf16" and not native_bf16(device) and (dist is None or dist.rank == 0):
+    if ctx.is_main:  # rank 0 writes; the others checking too would race for the destination's lock
+        cfg, final = check_train_request(request, ctx.world_size)
+    else:
+        cfg, final = _train_config(request, ctx.world_size), _destination(request)
+    if ctx.is_main:
+        _warn_emulated_bf16(cfg, device)
+    data = _load_data(request, ctx, download_progress)
+    torch.manual_seed(request.seed)
+    model, model_cfg = create_model(request.model, data.spec, request.overrides)
+    run = _Job(request, cfg, ctx, device, final, data, model, model_cfg)
+    state, opt_state = _resume(run) if request.resume else (None, None)
+    if not ctx.is_main:
+        return _follow_main(run, state, opt_state, should_stop)
+    ddp = _describe_distributed(ctx, cfg)
+    with _log_to_file(run.work):
+        _log_start(run, ddp)
+        state = _train_main(run, state, opt_state, observer or Observer(), should_stop)
+        if ddp:  # every replica must hold the same weights: check and record it
+            ddp["parameter_sha256"] = ctx.parameter_digests(model)
+        val, test, metrics = _final_metrics(run, state)
+        manifest = _manifest(run, metrics, ddp)
+        _plots(run, state, test)
+        for name in ("checkpoint.safetensors", "checkpoint.json"):
+            (run.work / name).unlink(missing_ok=True)
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+    artifacts.write_artifact(final, model, manifest, work=run.work)
+    return TrainResult(artifact=final, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
+                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source,
+                       distributed=ddp)
+
+
+def _warn_emulated_bf16(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.precision == "bf16" and not native_bf16(device):
         log.warning("warning: this %s has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and runs "
                     "several times slower than fp32 here", device.type.upper())
 
-    if dist is not None and dist.local_rank != 0:
-        dist.barrier()  # local rank 0 loads (and downloads) first
+
+def _load_data(request: TrainRequest, ctx: Context, download_progress) -> DataBundle:
+    """Load the dataset; with several workers on a machine, local rank 0 loads (and downloads) first."""
+    from dlkit.data import load_dataset
+
+    if ctx.local_rank != 0:
+        ctx.barrier()
     data = load_dataset(request.dataset, data_dir=request.data_dir, val_fraction=request.val_fraction,
                         seed=request.seed, progress=download_progress, options=request.data_options)
-    if dist is not None and dist.local_rank == 0:
-        dist.barrier()
-    torch.manual_seed(request.seed)
-    model, model_cfg = create_model(request.model, data.spec, request.overrides)
-    extra = {"model": request.model, "dataset": request.dataset, "seed": request.seed,
-             "train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
-             "data_options": request.data_options, "world_size": dist.world_size if dist else 1}
-    state, opt_state = None, None
-    if request.resume:
-        state, opt_state, saved = load_checkpoint(work, model)
-        _check_resume_matches(saved, request, cfg, work)
-        log.info("resuming %s at epoch %d, step %d", work, state.epoch + 1, state.step)
-    ddp = _describe_distributed(dist, cfg)
-    if dist is not None and not dist.is_main:  # train in step with rank 0; it writes everything
-        state, _ = fit(model, data.train, data.val, cfg, device=device, seed=request.seed,
-                       augment=DATASETS.get(request.dataset).augment, state=state, optimizer_state=opt_state,
-                       should_stop=should_stop, dist=dist)
-        if not state.completed:
-            dist.barrier()  # wait for rank 0's checkpoint
-            raise Interrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
-        dist.parameter_digests(model)
-        return None
+    if ctx.local_rank == 0:
+        ctx.barrier()
+    return data
+
+
+def _resume(run: _Job) -> tuple[TrainState, dict]:
+    from dlkit.engine.checkpoint import load_checkpoint
+
+    state, opt_state, saved = load_checkpoint(run.work, run.model)
+    _check_resume_matches(saved, run.request, run.cfg, run.work)
+    log.info("resuming %s at epoch %d, step %d", run.work, state.epoch + 1, state.step)
+    return state, opt_state
+
+
+def _follow_main(run: _Job, state: TrainState | None, opt_state: dict | None,
+                 should_stop: Callable[[], bool]) -> None:
+    """A worker other than rank 0: train in step with it; rank 0 writes everything."""
+    state, _ = run.fit(state, opt_state, should_stop=should_stop)
+    if not state.completed:
+        run.ctx.barrier()  # wait for rank 0's checkpoint
+        raise Interrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
+    run.ctx.parameter_digests(run.model)
+
+
+@contextlib.contextmanager
+def _log_to_file(work: Path) -> Iterator[None]:
+    """Copy the ``dlkit`` log (debug level included) to LOG_FILE in the work folder meanwhile."""
     work.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(work / LOG_FILE)
     file_log.setLevel(logging.DEBUG)
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_log)
     try:
-        log.info("training %s on %s (from %s) on %s", request.model, request.dataset, data.source, device)
-        log.debug("training config: %s; model config: %s", dataclasses.asdict(cfg), model_cfg)
-        if ddp:
-            log.info("distributed: %d workers (%s), global batch %d = about %d per worker; lr %g is not scaled "
-                     "(--batch-size is the global batch, the same as one process); %d threads per worker (%s)",
-                     ddp["world_size"], ddp["backend"], cfg.batch_size, ddp["batch_per_worker"], cfg.lr,
-                     ddp["threads"], ddp["threads_reason"])
-        history = HistoryWriter(work, state.history if state else [])
-        user_observer = observer or Observer()
-
-        class _Record(Observer):
-            def on_start(self, **kw):
-                user_observer.on_start(**kw)
-
-            def on_step(self, **kw):
-                user_observer.on_step(**kw)
-
-            def on_epoch(self, record):
-                history.append(record)
-                log.debug("epoch %d: %s", record["epoch"], record)
-                user_observer.on_epoch(record)
-
-        def checkpoint(st: TrainState, optimizer) -> None:
-            save_checkpoint(work, model, optimizer, st, extra)
-
-        try:
-            state, optimizer = fit(model, data.train, data.val, cfg, device=device, seed=request.seed,
-                                   augment=DATASETS.get(request.dataset).augment, observer=_Record(),
-                                   state=state, optimizer_state=opt_state, should_stop=should_stop,
-                                   on_epoch_end=checkpoint, dist=dist)
-        finally:
-            history.close()
-        if not state.completed:
-            checkpoint(state, optimizer)
-            if dist is not None:
-                dist.barrier()  # the other ranks wait for this checkpoint before they exit
-            raise Interrupted(
-                f"stopped at epoch {state.epoch + 1}, step {state.step}; a checkpoint is saved in {work}",
-                hint=f"continue with: dlkit train {request.model} --dataset {request.dataset} --out {final} --resume",
-            )
-
-        if dist is not None:  # every replica must hold the same weights: check and record it
-            ddp["parameter_sha256"] = dist.parameter_digests(model)
-        channels_last = prepare_inference(model, device, data.spec.input_shape)
-        names = list(data.spec.class_names or range(data.spec.num_classes))
-        kw = dict(class_names=names, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
-                  channels_last=channels_last)
-        val = evaluate_model(model, *data.val, split="val", **kw) if len(data.val[0]) else None
-        test = evaluate_model(model, *data.test, split="test", **kw)
-        metrics = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_macro_f1": test.macro_f1}
-        if val is not None:
-            metrics.update(val_accuracy=val.accuracy, val_loss=val.loss)
-        metrics["train_seconds"] = sum(r["epoch_seconds"] for r in state.history)
-        metrics["samples_per_s"] = state.history[-1]["samples_per_s"]
-
-        manifest = artifacts.new_manifest(
-            model_name=request.model, family=entry.family, config=_config_dict(model_cfg), spec=data.spec,
-            dataset=request.dataset, data_state=data.state, seed=request.seed, precision=cfg.precision)
-        options = {"train_config": dataclasses.asdict(cfg), "overrides": request.overrides,
-                   "val_fraction": request.val_fraction, "device": str(device), "distributed": ddp,
-                   "data_options": request.data_options}
-        manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
-        manifest["metrics"] = metrics
-        plot_curves(state.history, work / CURVES, f"{request.model} on {request.dataset}")
-        plot_confusion(test.confusion, names, work / "confusion.png", f"{request.model}: test confusion")
-        for name in ("checkpoint.safetensors", "checkpoint.json"):
-            (work / name).unlink(missing_ok=True)
-        model.to("cpu").to(memory_format=torch.contiguous_format)
+        yield
     finally:
         log.removeHandler(file_log)
         file_log.close()
-    artifacts.write_artifact(final, model, manifest, work=work)
-    return TrainResult(artifact=final, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
-                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source,
-                       distributed=ddp)
 
 
-def _describe_distributed(dist: distributed.DistContext | None, cfg: TrainConfig) -> dict | None:
-    if dist is None:
+def _log_start(run: _Job, ddp: dict | None) -> None:
+    r, cfg = run.request, run.cfg
+    log.info("training %s on %s (from %s) on %s", r.model, r.dataset, run.data.source, run.device)
+    log.debug("training config: %s; model config: %s", dataclasses.asdict(cfg), run.model_cfg)
+    if ddp:
+        log.info("distributed: %d workers (%s), global batch %d = about %d per worker; lr %g is not scaled "
+                 "(--batch-size is the global batch, the same as one process); %d threads per worker (%s)",
+                 ddp["world_size"], ddp["backend"], cfg.batch_size, ddp["batch_per_worker"], cfg.lr,
+                 ddp["threads"], ddp["threads_reason"])
+
+
+class _Recorder(Observer):
+    """Passes progress on to the caller's observer, and writes each epoch to the history."""
+
+    def __init__(self, history: HistoryWriter, observer: Observer):
+        self.history, self.observer = history, observer
+
+    def on_start(self, **kw) -> None:
+        self.observer.on_start(**kw)
+
+    def on_step(self, **kw) -> None:
+        self.observer.on_step(**kw)
+
+    def on_epoch(self, record: dict) -> None:
+        self.history.append(record)
+        log.debug("epoch %d: %s", record["epoch"], record)
+        self.observer.on_epoch(record)
+
+
+def _train_main(run: _Job, state: TrainState | None, opt_state: dict | None, observer: Observer,
+                should_stop: Callable[[], bool]) -> TrainState:
+    """Rank 0's training: history, a checkpoint every epoch, and one when stopped (then Interrupted)."""
+    from dlkit.engine.checkpoint import save_checkpoint
+
+    extra = run.checkpoint_extra()
+
+    def checkpoint(st: TrainState, optimizer) -> None:
+        save_checkpoint(run.work, run.model, optimizer, st, extra)
+
+    history = HistoryWriter(run.work, state.history if state else [])
+    try:
+        state, optimizer = run.fit(state, opt_state, observer=_Recorder(history, observer), should_stop=should_stop,
+                                   on_epoch_end=checkpoint)
+    finally:
+        history.close()
+    if not state.completed:
+        checkpoint(state, optimizer)
+        run.ctx.barrier()  # the other ranks wait for this checkpoint before they exit
+        r = run.request
+        raise Interrupted(
+            f"stopped at epoch {state.epoch + 1}, step {state.step}; a checkpoint is saved in {run.work}",
+            hint=f"continue with: dlkit train {r.model} --dataset {r.dataset} --out {run.final} --resume",
+        )
+    return state
+
+
+def _class_names(data: DataBundle) -> list:
+    return list(data.spec.class_names or range(data.spec.num_classes))
+
+
+def _final_metrics(run: _Job, state: TrainState) -> tuple[EvalResult | None, EvalResult, dict]:
+    """Evaluate the trained model on validation (if any) and test: (val, test, metrics)."""
+    data, cfg = run.data, run.cfg
+    channels_last = prepare_inference(run.model, run.device, data.spec.input_shape)
+    kw = dict(class_names=_class_names(data), batch_size=cfg.eval_batch_size, device=run.device,
+              precision=cfg.precision, channels_last=channels_last)
+    val = evaluate_model(run.model, *data.val, split="val", **kw) if len(data.val[0]) else None
+    test = evaluate_model(run.model, *data.test, split="test", **kw)
+    metrics = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_macro_f1": test.macro_f1}
+    if val is not None:
+        metrics.update(val_accuracy=val.accuracy, val_loss=val.loss)
+    metrics["train_seconds"] = sum(r["epoch_seconds"] for r in state.history)
+    metrics["samples_per_s"] = state.history[-1]["samples_per_s"]
+    return val, test, metrics
+
+
+def _manifest(run: _Job, metrics: dict, ddp: dict | None) -> dict:
+    from dlkit.models import MODELS
+
+    r, cfg = run.request, run.cfg
+    manifest = artifacts.new_manifest(
+        model_name=r.model, family=MODELS.get(r.model).family, config=_config_dict(run.model_cfg),
+        spec=run.data.spec, dataset=r.dataset, data_state=run.data.state, seed=r.seed, precision=cfg.precision)
+    options = {"train_config": dataclasses.asdict(cfg), "overrides": r.overrides, "val_fraction": r.val_fraction,
+               "device": str(run.device), "distributed": ddp, "data_options": r.data_options}
+    manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
+    manifest["metrics"] = metrics
+    return manifest
+
+
+def _plots(run: _Job, state: TrainState, test: EvalResult) -> None:
+    name = run.request.model
+    plot_curves(state.history, run.work / CURVES, f"{name} on {run.request.dataset}")
+    plot_confusion(test.confusion, _class_names(run.data), run.work / "confusion.png", f"{name}: test confusion")
+
+
+def _describe_distributed(ctx: Context, cfg: TrainConfig) -> dict | None:
+    """The run's distributed settings for the result and the manifest; None for one process."""
+    if ctx.world_size == 1:
         return None
-    return {"world_size": dist.world_size, "backend": dist.backend, "global_batch": cfg.batch_size,
-            "batch_per_worker": -(-cfg.batch_size // dist.world_size), "lr_scale": 1.0,
-            "threads": dist.threads, "threads_reason": dist.threads_reason}
+    return {"world_size": ctx.world_size, "backend": ctx.backend, "global_batch": cfg.batch_size,
+            "batch_per_worker": -(-cfg.batch_size // ctx.world_size), "lr_scale": 1.0,
+            "threads": ctx.threads, "threads_reason": ctx.threads_reason}
 
 
 def _config_dict(cfg) -> dict:

@@ -10,9 +10,14 @@ from dlkit.choices import DEVICES, PRECISIONS
 from dlkit.errors import UsageError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def check_device_name(name: str) -> str:
     if name not in DEVICES and not name.startswith("cuda:"):
         raise UsageError(f"unknown device '{name}'", hint="use auto, cpu or cuda")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -321,10 +321,11 @@ def test_digits_csv_matches_scikit_learn():
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from dlkit.data.vision import _fetch_digits, digits_test_mask
+    from dlkit.data.splits import stratified_test_mask
+    from dlkit.data.vision import _fetch_digits
 
     raw = _fetch_digits()
     bunch = load_digits()
-    test = digits_test_mask(bunch.target)
+    test = stratified_test_mask(bunch.target)
     assert torch.equal(raw.x_train, torch.from_numpy(bunch.images[~test].astype(np.float32) / 16.0).unsqueeze(1))
     assert torch.equal(raw.y_test, torch.from_numpy(bunch.target[test].astype(np.int64)))

@@ -116,3 +116,19 @@ def test_bad_train_config_names_every_problem():
     msg = str(exc.value)
     assert "--epochs" in msg and "--lr" in msg and "lbfgs" in msg
     assert not math.isnan(lr_factor("cosine", 5, 10))
+
+
+def test_train_request_validates_without_loading():
+    from dlkit.api import TrainRequest
+    from dlkit.errors import NotFoundError
+
+    ok = TrainRequest(model="mlp", dataset="digits", options={"epochs": 2})
+    assert ok.validate() is ok and ok.train_config().epochs == 2
+    with pytest.raises(NotFoundError, match="unknown dataset 'digitz'"):
+        TrainRequest(model="mlp", dataset="digitz").validate()
+    with pytest.raises(UsageError, match="val_fraction"):
+        TrainRequest(model="mlp", dataset="digits", val_fraction=1.0).validate()
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        TrainRequest(model="mlp", dataset="digits", device="tpu").validate()
+    with pytest.raises(UsageError, match="--lr"):
+        TrainRequest(model="mlp", dataset="digits", options={"lr": -1.0}).validate()

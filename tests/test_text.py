@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from dlkit.data import load_dataset, sources, text
+from dlkit.data import imdb, load_dataset, sources
 from dlkit.data.archive import safe_extract
 from dlkit.data.sources import RemoteFile
-from dlkit.data.text import Tokenizer, read_table, words
+from dlkit.data.textfile import read_table
+from dlkit.data.tokenizer import Tokenizer, words
 from dlkit.errors import DataError, UsageError
 from tests.test_download import Server
 
@@ -285,7 +286,7 @@ def test_imdb_download_extract_resume_and_checksum(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     (cache / "aclImdb_v1.tar.gz.part").write_bytes(blob[: len(blob) // 2])  # an interrupted download
     with Server({"/imdb/aclImdb_v1.tar.gz": blob}) as srv:
-        monkeypatch.setattr(text, "IMDB", replace(text.IMDB, mirrors=(f"{srv.url}/imdb/",),
+        monkeypatch.setattr(imdb, "IMDB", replace(imdb.IMDB, mirrors=(f"{srv.url}/imdb/",),
                                                   files=(RemoteFile("aclImdb_v1.tar.gz", md5, remote="aclImdb_v1.tar.gz"),)))
         got = []
         b = load_dataset("imdb", options={"max_len": 8}, progress=lambda d, t, n: got.append((d, t, n)))
@@ -304,7 +305,7 @@ def test_imdb_checksum_mismatch(tmp_path, monkeypatch):
     write_imdb(tmp_path / "src", n=3)
     blob = imdb_archive(tmp_path / "src")
     with Server({"/aclImdb_v1.tar.gz": blob}) as srv:
-        monkeypatch.setattr(text, "IMDB", replace(text.IMDB, mirrors=(f"{srv.url}/",)))  # the real MD5
+        monkeypatch.setattr(imdb, "IMDB", replace(imdb.IMDB, mirrors=(f"{srv.url}/",)))  # the real MD5
         with pytest.raises(DataError, match="could not be downloaded") as info:
             load_dataset("imdb")
     assert "checksum mismatch" in info.value.message and "7c2ac02c03563afcf9b574c7e56c153a" in info.value.message

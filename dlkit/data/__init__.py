@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dlkit.data.registry import DATASETS, DatasetEntry, RawData, register_dataset
+from dlkit.data.splits import split_indices, stratified_test_mask
 from dlkit.errors import DataError, UsageError
 from dlkit.spec import DataSpec
 
 from dlkit.data import vision  # noqa: E402,F401  (registers digits, mnist, fashion-mnist)
 from dlkit.data import cifar  # noqa: E402,F401  (registers cifar10)
-from dlkit.data import text  # noqa: E402,F401  (registers imdb, text-csv; see text.py for the tokenizer)
+from dlkit.data import imdb  # noqa: E402,F401  (registers imdb; tokenizer.py has the tokenizer)
+from dlkit.data import textfile  # noqa: E402,F401  (registers text-csv: the user's csv/tsv/jsonl)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -35,7 +37,7 @@ STATE_VERSION = 1
 
 __all__ = [
     "DATASETS", "DataBundle", "DatasetEntry", "RawData", "dataset_names", "load_dataset",
-    "locate_dataset", "register_dataset", "spec_for", "split_indices",
+    "check_split_args", "locate_dataset", "register_dataset", "spec_for", "split_indices", "stratified_test_mask",
 ]
 
 
@@ -98,23 +100,29 @@ def load_dataset(
 
     Text datasets (``entry.load``) return int64 token ids ``(N, max_len)``, right-padded with 0,
     and are not normalized; ``options`` carries their settings (``vocab_size``, ``max_len``,
-    ``data_file``, ...; see ``dlkit.data.text``) and ``state`` their vocabulary.
+    ``data_file``, ...; see ``dlkit.data.textfile``) and ``state`` their vocabulary.
     """
-    import torch
-
     entry = DATASETS.get(name)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if entry.load is not None:
-        _check_split_args(val_fraction, seed)
+        check_split_args(val_fraction, seed)
         return entry.load(data_dir=data_dir, val_fraction=val_fraction, seed=seed, download=download,
                           state=state, progress=progress, options=options)
     if options:
         raise UsageError(f"dataset '{name}' takes no data options ({', '.join(sorted(options))})",
                          hint="--data-file, --vocab-size and the like are for text datasets")
-    if state is not None:
-        scale, mean, std, val_fraction, seed = _read_state(state, name, entry.spec)
-    _check_split_args(val_fraction, seed)
+    return _load_images(entry, data_dir=data_dir, val_fraction=val_fraction, seed=seed, download=download,
+                        state=state, progress=progress)
 
+
+def _load_images(entry: DatasetEntry, *, data_dir, val_fraction: float, seed: int, download: bool,
+                 state: dict | None, progress) -> DataBundle:
+    """An image dataset: fetched raw, normalized with the training split's (or the state's) statistics."""
+    import torch
+
+    if state is not None:
+        scale, mean, std, val_fraction, seed = _read_state(state, entry.name, entry.spec)
+    check_split_args(val_fraction, seed)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else None
     raw = entry.fetch(data_dir=data_dir, download=download, progress=progress)
     _check_raw(raw, entry)
@@ -123,49 +131,31 @@ def load_dataset(
         mean, std = channel_stats(raw.x_train, scale)
     elif state.get("num_train") not in (None, len(raw.x_train)):
         log.warning("%s now has %d training samples, the saved state was made with %s; "
-                    "the validation split will differ", name, len(raw.x_train), state["num_train"])
+                    "the validation split will differ", entry.name, len(raw.x_train), state["num_train"])
+    new_state = {"version": STATE_VERSION, "dataset": entry.name, "scale": scale, "mean": list(mean),
+                 "std": list(std), "val_fraction": float(val_fraction), "seed": int(seed),
+                 "num_train": len(raw.x_train)}
+    return _image_bundle(entry, raw, new_state)
 
-    n = len(raw.x_train)
-    train_idx, val_idx = split_indices(n, val_fraction, seed)
-    n_val = len(val_idx)
+
+def _image_bundle(entry: DatasetEntry, raw: RawData, state: dict) -> DataBundle:
+    """Split off validation (seeded) and normalize every split as ``state`` says."""
+    import torch
+
+    scale, mean, std = state["scale"], state["mean"], state["std"]
+    train_idx, val_idx = split_indices(len(raw.x_train), state["val_fraction"], state["seed"])
     y_all = raw.y_train.to(torch.int64)
     # Select before converting: gathering uint8 is 4x cheaper than gathering float32.
-    x_train = raw.x_train if n_val == 0 else raw.x_train[train_idx]
-
-    new_state = {
-        "version": STATE_VERSION,
-        "dataset": name,
-        "scale": scale,
-        "mean": list(mean),
-        "std": list(std),
-        "val_fraction": float(val_fraction),
-        "seed": int(seed),
-        "num_train": n,
-    }
+    x_train = raw.x_train if len(val_idx) == 0 else raw.x_train[train_idx]
     return DataBundle(
-        name=name,
+        name=entry.name,
         spec=entry.spec,
         train=(normalize(x_train, scale, mean, std), y_all[train_idx]),
         val=(normalize(raw.x_train[val_idx], scale, mean, std), y_all[val_idx]),
         test=(normalize(raw.x_test, scale, mean, std), raw.y_test.to(torch.int64)),
         source=raw.source,
-        state=new_state,
+        state=state,
     )
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> "tuple[Tensor, Tensor]":
-    """``(train_idx, val_idx)``: ``round(val_fraction * n)`` samples chosen by ``torch.randperm``
-    seeded with ``seed`` go to validation; both index lists keep the original order."""
-    import torch
-
-    n_val = int(round(val_fraction * n))
-    if n and n_val >= n:
-        raise UsageError(f"val_fraction={val_fraction} leaves no training samples out of {n}",
-                         hint="use a smaller val_fraction")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[perm[:n_val]] = True
-    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
 def channel_stats(x: "Tensor", scale: float = 1.0) -> tuple[list[float], list[float]]:
@@ -210,7 +200,8 @@ def normalize(x: "Tensor", scale: float, mean: list[float], std: list[float]) ->
     return x.to(torch.float32).mul_(a).sub_(b)
 
 
-def _check_split_args(val_fraction, seed) -> None:
+def check_split_args(val_fraction, seed) -> None:
+    """val_fraction in [0, 1) and an integer seed, or a UsageError."""
     if (isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real)
             or not 0 <= val_fraction < 1):
         raise UsageError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}",

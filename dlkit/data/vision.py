@@ -28,6 +28,7 @@ from typing import Callable
 from dlkit.data import sources
 from dlkit.data.registry import DatasetEntry, RawData, register_dataset
 from dlkit.data.sources import FileSet, RemoteFile
+from dlkit.data.splits import stratified_test_mask
 from dlkit.errors import DataError
 from dlkit.spec import IMAGE, DataSpec
 
@@ -81,30 +82,15 @@ def _fetch_digits(data_dir=None, *, download: bool = True, progress=None) -> Raw
     table = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float32)
     images = table[:, :-1].reshape(-1, 8, 8) / 16.0  # (1797, 8, 8), 0..1
     labels = table[:, -1].astype(np.int64)
-    test = digits_test_mask(labels)
+    test = stratified_test_mask(labels)
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.from_numpy(labels)
     t = torch.from_numpy(test)
     return RawData(x[~t], y[~t], x[t], y[t], source="scikit-learn (bundled)")
 
 
-def digits_test_mask(labels, test_fraction: float = 0.2, seed: int = 0):
-    """Boolean mask of the test samples: a seeded, stratified split (see the module docstring)."""
-    import numpy as np
-
-    rng = np.random.RandomState(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        mask[idx[: int(round(test_fraction * len(idx)))]] = True
-    return mask
-
-
 def _digits_csv() -> Path:
     import importlib.util
-
-    from dlkit.errors import DataError
 
     spec = importlib.util.find_spec("sklearn")
     for folder in (spec.submodule_search_locations or []) if spec else []:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from dlkit.errors import DlkitError, TrainingError
 
@@ -92,6 +93,20 @@ class DistContext:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def seed_epoch(self, seed: int, epoch: int, batch: int) -> None:
+        """Per-rank random streams (dropout, flips), reproducible on resume from ``batch``."""
+        torch.manual_seed(seed * 1_000_003 + epoch * 10_007 + batch * 101 + self.rank)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, weight: float,
+             global_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's mean loss, the objective to differentiate).
+
+        DDP averages gradients over ranks: the per-sample losses are scaled so that this average is
+        the gradient of the mean over the global batch of ``global_n`` samples.
+        """
+        losses = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+        return losses.mean(), losses.sum() * (weight * self.world_size / global_n)
+
     def shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This rank's part of a global batch of indices, and its loss weight (0 for a stand-in)."""
         part = batch[self.rank :: self.world_size]
@@ -125,6 +140,53 @@ class DistContext:
         """Test-only: with DLKIT_TEST_FAIL_RANK=r, rank r is killed at step 3 (a crashed worker)."""
         if os.environ.get(TEST_FAIL_RANK) == str(self.rank) and step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """A plain process as a world of one: rank 0 of 1, collectives that return their input.
+
+    It has DistContext's interface, so the training loop has one path for both.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        return list(values)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        return bool(flag)
+
+    def barrier(self) -> None:
+        pass
+
+    def seed_epoch(self, seed: int, epoch: int, batch: int) -> None:
+        """Nothing: the global generator is the run's one stream, and a checkpoint keeps it."""
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, weight: float,
+             global_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch's mean loss, the objective to differentiate): the same tensor here."""
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        return loss, loss
+
+    def shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return batch, 1.0
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return model
+
+    def test_hook(self, step: int) -> None:
+        pass
+
+
+Context = DistContext | LocalContext
 
 
 def setup(device: torch.device) -> tuple[DistContext | None, torch.device]:
@@ -263,8 +325,7 @@ def worker_failure(failures: dict, nproc: int) -> DlkitError:
     text, kind = _failure_text(failure)
     cls = getattr(errors, kind, None) if kind else None
     if isinstance(cls, type) and issubclass(cls, DlkitError):
-        err = cls(f"worker rank {rank} of {nproc}: {text}")
-        return err
+        return cls(f"worker rank {rank} of {nproc}: {text}")
     if failure.exitcode < 0:
         hint = "it was killed from outside the run (out of memory? see dmesg)"
     else:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlkit.device import autocast, check_precision, uses_channels_last
-from dlkit.engine.distributed import DistContext
+from dlkit.engine.distributed import Context, LocalContext
 from dlkit.engine.evaluate import predict_logits
 from dlkit.engine.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer, param_groups
 from dlkit.errors import TrainingError, UsageError
@@ -120,6 +120,180 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"hflip": hflip}
 
 
+class _RunningSums:
+    """The epoch's loss and correct predictions so far: Python numbers on the CPU (a sync per step
+    costs nothing there), device tensors elsewhere (read every ``sync_every`` steps only)."""
+
+    def __init__(self, state: TrainState, device: torch.device):
+        self.on_cpu = device.type == "cpu"
+        if self.on_cpu:
+            self.loss, self.correct = state.loss_sum, state.correct
+        else:
+            self.loss = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
+            self.correct = torch.tensor(state.correct, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        hits = (logits.detach().argmax(1) == y).sum()
+        if self.on_cpu:
+            self.loss += loss.item() * len(y)
+            self.correct += int(hits)
+        else:
+            self.loss += loss.detach().double() * len(y)
+            self.correct += hits
+
+
+@dataclass
+class _Run:
+    """What stays fixed while ``fit`` runs, and the steps it is made of."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    cfg: TrainConfig
+    device: torch.device
+    seed: int
+    ctx: Context
+    aug: Callable[[torch.Tensor], torch.Tensor] | None
+    channels_last: bool
+    steps_per_epoch: int
+    total_steps: int
+    sync_every: int
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = self.x[idx].to(self.device, non_blocking=True)
+        yb = self.y[idx].to(self.device, non_blocking=True)
+        if self.aug is not None:
+            xb = self.aug(xb)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, yb
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(self.cfg.schedule, step, self.total_steps, self.cfg.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self, state: TrainState, perm: torch.Tensor, sums: _RunningSums) -> torch.Tensor:
+        """One optimizer step on batch ``state.batch`` of the epoch; returns this rank's loss."""
+        b, cfg = state.batch, self.cfg
+        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        global_n = len(idx)
+        idx, weight = self.ctx.shard(idx)
+        xb, yb = self.batch(idx)
+        with autocast(self.device, cfg.precision):
+            logits = self.net(xb)
+        loss, objective = self.ctx.loss(logits, yb, cfg.label_smoothing, weight, global_n)
+        if weight == 0:  # a stand-in sample (distributed, short last batch): computed, not counted
+            logits, yb = logits[:0], yb[:0]
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        sums.add(loss, logits, yb)
+        state.seen += len(yb)
+        state.batch = b + 1
+        state.step += 1
+        self.ctx.test_hook(state.step)
+        return loss
+
+    def report(self, state: TrainState, sums: _RunningSums, loss: torch.Tensor, lr: float, t0: float,
+               observer: Observer) -> None:
+        """Check the loss and tell the observer; every rank reduces here (same steps), so all agree."""
+        value = loss.item()
+        seen, total_loss, total_correct, bad = self.ctx.all_sum(
+            [state.seen, float(sums.loss), int(sums.correct), float(not math.isfinite(value))], self.device)
+        if bad:
+            value = value if not math.isfinite(value) else float("nan")  # another rank's loss
+            raise TrainingError(
+                f"the loss became {value} at epoch {state.epoch + 1}, step {state.step}",
+                hint=f"lower --lr (it was {lr:.3g}), add --grad-clip 1.0, or train in fp32",
+            )
+        elapsed = time.perf_counter() - t0
+        observer.on_step(step=state.step, epoch=state.epoch, loss=total_loss / seen, accuracy=total_correct / seen,
+                         samples_per_s=seen / max(elapsed, 1e-9), lr=lr)
+
+    def keep_sums(self, state: TrainState, sums: _RunningSums, t0: float) -> None:
+        """Store the sums over all ranks in the state, for a checkpoint taken mid-epoch."""
+        state.elapsed = time.perf_counter() - t0
+        seen, loss_sum, correct = self.ctx.all_sum([state.seen, float(sums.loss), int(sums.correct)], self.device)
+        state.seen, state.loss_sum, state.correct = int(seen), loss_sum, int(correct)
+
+    def train_epoch(self, state: TrainState, observer: Observer, should_stop: Callable[[], bool]) -> float | None:
+        """Run the epoch under way from ``state.batch``; its last lr, or None when stopped mid-way."""
+        self.net.train()
+        perm = epoch_permutation(len(self.x), self.seed, state.epoch)
+        self.ctx.seed_epoch(self.seed, state.epoch, state.batch)
+        if not self.ctx.is_main:  # the checkpoint holds the sums over all ranks: count them once
+            state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+        sums = _RunningSums(state, self.device)
+        t0 = time.perf_counter() - state.elapsed
+        while state.batch < self.steps_per_epoch:
+            lr = self.set_lr(state.step)
+            loss = self.step(state, perm, sums)
+            if state.step % self.sync_every == 0 or state.batch == self.steps_per_epoch:
+                self.report(state, sums, loss, lr, t0, observer)
+            if self.ctx.any(should_stop(), self.device) and state.batch < self.steps_per_epoch:
+                self.keep_sums(state, sums, t0)
+                return None
+        self.keep_sums(state, sums, t0)
+        return lr
+
+    def validate(self, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """Validation loss and accuracy; each rank scores its share and the sums are reduced."""
+        if not len(val[0]):
+            return {}
+        ctx = self.ctx
+        xv, yv = val[0][ctx.rank :: ctx.world_size], val[1][ctx.rank :: ctx.world_size]
+        logits = predict_logits(self.model, xv, batch_size=self.cfg.eval_batch_size, device=self.device,
+                                precision=self.cfg.precision, channels_last=self.channels_last)
+        loss = F.cross_entropy(logits, yv, reduction="sum").item()
+        correct = (logits.argmax(1) == yv).sum().item()
+        loss, correct = ctx.all_sum([loss, correct], self.device)
+        return {"val_loss": loss / len(val[0]), "val_accuracy": correct / len(val[0])}
+
+    def end_epoch(self, state: TrainState, lr: float, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """The epoch's record, added to the history; the state moves to the next epoch."""
+        record = {
+            "epoch": state.epoch + 1,
+            "step": state.step,
+            "lr": lr,
+            "train_loss": state.loss_sum / state.seen,
+            "train_accuracy": state.correct / state.seen,
+            "samples_per_s": state.seen / max(state.elapsed, 1e-9),
+            "epoch_seconds": state.elapsed,
+            **self.validate(val),
+        }
+        state.history.append(record)
+        state.epoch += 1
+        state.batch, state.seen, state.loss_sum, state.correct, state.elapsed = 0, 0, 0.0, 0, 0.0
+        return record
+
+
+def _start(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
+           device: torch.device, seed: int, augment: str | None, optimizer_state: dict | None, ctx: Context) -> _Run:
+    """Move the model to the device, build the optimizer (restored when resuming), wrap for DDP."""
+    x, y = train
+    if len(x) == 0:
+        raise UsageError("the training split is empty")
+    channels_last = uses_channels_last(model, tuple(x.shape))
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    return _Run(model=model, net=ctx.wrap(model, device), optimizer=optimizer, x=x, y=y, cfg=cfg, device=device,
+                seed=seed, ctx=ctx, aug=AUGMENTATIONS[augment] if (cfg.augment and augment) else None,
+                channels_last=channels_last, steps_per_epoch=steps_per_epoch,
+                total_steps=steps_per_epoch * cfg.epochs, sync_every=1 if device.type == "cpu" else 25)
+
+
 def fit(
     model: torch.nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -134,150 +308,29 @@ def fit(
     optimizer_state: dict | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_epoch_end: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
-    dist: DistContext | None = None,
+    dist: Context | None = None,
 ) -> tuple[TrainState, torch.optim.Optimizer]:
     """Train ``model`` in place. Returns the final state (``completed`` False if stopped early).
 
     With ``dist`` (a worker of a distributed run, see engine.distributed) the model is wrapped in
     DistributedDataParallel, each rank trains on its part of every global batch, and the numbers
-    in the state and the records are summed over ranks; without it nothing changes.
+    in the state and the records are summed over ranks; without it the run is a world of one.
     """
     cfg.validate()
     observer = observer or Observer()
     state = state or TrainState()
-    x_train, y_train = train
-    n = len(x_train)
-    if n == 0:
-        raise UsageError("the training split is empty")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    aug = AUGMENTATIONS[augment] if (cfg.augment and augment) else None
-    channels_last = uses_channels_last(model, tuple(x_train.shape))
-
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    net = dist.wrap(model, device) if dist else model
-    observer.on_start(total_steps=total_steps, done_steps=state.step, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
-    sync_every = 1 if device.type == "cpu" else 25
-
+    run = _start(model, train, cfg, device=device, seed=seed, augment=augment, optimizer_state=optimizer_state,
+                 ctx=dist or LocalContext())
+    observer.on_start(total_steps=run.total_steps, done_steps=state.step, epochs=cfg.epochs,
+                      steps_per_epoch=run.steps_per_epoch)
     while state.epoch < cfg.epochs:
-        net.train()
-        perm = epoch_permutation(n, seed, state.epoch)
-        if dist is not None:  # per-rank random streams (dropout, flips), reproducible on resume
-            torch.manual_seed(seed * 1_000_003 + state.epoch * 10_007 + state.batch * 101 + dist.rank)
-            if not dist.is_main:  # the checkpoint holds the sums over all ranks: count them once
-                state.loss_sum, state.correct, state.seen = 0.0, 0, 0
-        # Running sums: Python numbers on the CPU (a sync per step costs nothing there), device
-        # tensors elsewhere (synced every ``sync_every`` steps only).
-        on_cpu = device.type == "cpu"
-        loss_sum = state.loss_sum if on_cpu else torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
-        correct = state.correct if on_cpu else torch.tensor(state.correct, device=device)
-        t0 = time.perf_counter() - state.elapsed
-        for b in range(state.batch, steps_per_epoch):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if dist is not None:
-                global_n = len(idx)
-                idx, weight = dist.shard(idx)
-            xb = x_train[idx].to(device, non_blocking=True)
-            yb = y_train[idx].to(device, non_blocking=True)
-            if aug is not None:
-                xb = aug(xb)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            lr = cfg.lr * lr_factor(cfg.schedule, state.step, total_steps, cfg.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, cfg.precision):
-                logits = net(xb)
-            if dist is None:
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-                objective = loss
-            else:  # DDP averages over ranks: scale so the result is the mean over the global batch
-                losses = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="none")
-                loss = losses.mean()
-                objective = losses.sum() * (weight * dist.world_size / global_n)
-                if weight == 0:
-                    idx = idx[:0]
-                    logits, yb = logits[:0], yb[:0]
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if on_cpu:
-                loss_sum += loss.item() * len(idx)
-                correct += int((logits.detach().argmax(1) == yb).sum())
-            else:
-                loss_sum += loss.detach().double() * len(idx)
-                correct += (logits.detach().argmax(1) == yb).sum()
-            state.seen += len(idx)
-            state.batch = b + 1
-            state.step += 1
-            if dist is not None:
-                dist.test_hook(state.step)
-            if state.step % sync_every == 0 or b + 1 == steps_per_epoch:
-                value = loss.item()
-                seen, total_loss, total_correct = state.seen, float(loss_sum), int(correct)
-                if dist is not None:  # every rank reduces here (same steps), so all see the same
-                    seen, total_loss, total_correct, bad = dist.all_sum(
-                        [seen, total_loss, total_correct, float(not math.isfinite(value))], device)
-                    value = value if bad == 0 else float("nan")
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"the loss became {value} at epoch {state.epoch + 1}, step {state.step}",
-                        hint=f"lower --lr (it was {lr:.3g}), add --grad-clip 1.0, or train in fp32",
-                    )
-                elapsed = time.perf_counter() - t0
-                observer.on_step(step=state.step, epoch=state.epoch, loss=total_loss / seen,
-                                 accuracy=total_correct / seen, samples_per_s=seen / max(elapsed, 1e-9), lr=lr)
-            stop = should_stop() if dist is None else dist.any(should_stop(), device)
-            if stop and state.batch < steps_per_epoch:
-                state.loss_sum, state.correct = float(loss_sum), int(correct)
-                if dist is not None:  # the checkpoint keeps the sums over all ranks
-                    seen, state.loss_sum, total_correct = dist.all_sum([state.seen, state.loss_sum, state.correct], device)
-                    state.seen, state.correct = int(seen), int(total_correct)
-                state.elapsed = time.perf_counter() - t0
-                return state, optimizer
-        elapsed = time.perf_counter() - t0
-        if dist is not None:
-            seen, loss_total, correct_total = dist.all_sum([state.seen, float(loss_sum), int(correct)], device)
-            state.seen = int(seen)
-        else:
-            loss_total, correct_total = float(loss_sum), int(correct)
-        record = {
-            "epoch": state.epoch + 1,
-            "step": state.step,
-            "lr": lr,
-            "train_loss": loss_total / state.seen,
-            "train_accuracy": correct_total / state.seen,
-            "samples_per_s": state.seen / max(elapsed, 1e-9),
-            "epoch_seconds": elapsed,
-        }
-        if len(val[0]) and dist is None:
-            logits = predict_logits(model, val[0], batch_size=cfg.eval_batch_size, device=device,
-                                    precision=cfg.precision, channels_last=channels_last)
-            record["val_loss"] = F.cross_entropy(logits, val[1]).item()
-            record["val_accuracy"] = (logits.argmax(1) == val[1]).double().mean().item()
-        elif len(val[0]):  # each rank scores its share of the validation set; the sums are reduced
-            xv, yv = val[0][dist.rank :: dist.world_size], val[1][dist.rank :: dist.world_size]
-            logits = predict_logits(model, xv, batch_size=cfg.eval_batch_size, device=device,
-                                    precision=cfg.precision, channels_last=channels_last)
-            loss_v, correct_v = F.cross_entropy(logits, yv, reduction="sum").item(), (logits.argmax(1) == yv).sum().item()
-            loss_v, correct_v = dist.all_sum([loss_v, correct_v], device)
-            record["val_loss"], record["val_accuracy"] = loss_v / len(val[0]), correct_v / len(val[0])
-        state.history.append(record)
-        state.epoch += 1
-        state.batch, state.seen, state.loss_sum, state.correct, state.elapsed = 0, 0, 0.0, 0, 0.0
-        observer.on_epoch(record)
+        lr = run.train_epoch(state, observer, should_stop)
+        if lr is None:
+            return state, run.optimizer
+        observer.on_epoch(run.end_epoch(state, lr, val))
         if on_epoch_end is not None and state.epoch < cfg.epochs:
-            on_epoch_end(state, optimizer)
-        stop = should_stop() if dist is None else dist.any(should_stop(), device)
-        if stop and state.epoch < cfg.epochs:
-            return state, optimizer
+            on_epoch_end(state, run.optimizer)
+        if run.ctx.any(should_stop(), device) and state.epoch < cfg.epochs:
+            return state, run.optimizer
     state.completed = True
-    return state, optimizer
+    return state, run.optimizer

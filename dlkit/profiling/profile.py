@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from dlkit.errors import DlkitError, IncompatibleError, NotFoundError, UsageError
+from dlkit.errors import DlkitError, IncompatibleError, UsageError
 from dlkit.profiling.counting import Counter_, OpCounts
 from dlkit.profiling.latency import Latency, measure_latency
 from dlkit.profiling.memory import (LiveTracker, MemoryEstimate, SavedTensors, estimate_memory, measure_peak,
                                     storage_key, tensor_bytes, weight_bytes)
+from dlkit.profiling.target import Target, load_module_class, resolve_target  # noqa: F401 (load_module_class: re-exported)
 
 log = logging.getLogger("dlkit")
 
@@ -68,156 +66,6 @@ class ProfileResult:
         return d
 
 
-# ---- targets --------------------------------------------------------------------------------------
-
-@dataclass
-class _Target:
-    kind: str
-    name: str
-    example: Callable[[int, str], Any]  # (batch, device) -> inputs
-    build: Callable[[str], nn.Module]  # device ("meta" or real) -> model
-    real: nn.Module | None = None  # already built with weights (artifacts, user modules)
-    precision: str = "fp32"
-    input_shape: tuple[int, ...] = ()  # per sample
-    default_batch: int = 1
-
-
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r} is not a list of integers", hint="e.g. 1,3,224,224") from None
-    if not shape or any(s < 1 for s in shape):
-        raise UsageError(f"--input-shape {text!r} needs positive sizes", hint="e.g. 1,3,224,224")
-    return shape
-
-
-def _spec_input(spec, shape: tuple[int, ...] | None, seq_len: int | None):
-    """The data spec with the per-sample shape replaced; returns (spec, batch from the shape or None)."""
-    from dlkit.spec import IMAGE, TEXT, DataSpec
-
-    batch = None
-    if seq_len is not None:
-        if spec.modality != TEXT:
-            raise UsageError("--seq-len is for text models", hint="use --input-shape C,H,W for images")
-        shape = (seq_len,)
-    if shape is not None:
-        want = 3 if spec.modality == IMAGE else 1
-        if len(shape) == want + 1:
-            batch, shape = shape[0], shape[1:]
-        if len(shape) != want:
-            form = "C,H,W (or N,C,H,W)" if spec.modality == IMAGE else "L (or N,L)"
-            raise IncompatibleError(f"input shape {','.join(map(str, shape))} does not fit {spec.modality} "
-                                    f"data", hint=f"give {form}")
-        spec = DataSpec(spec.modality, shape, spec.num_classes, spec.vocab_size, spec.class_names)
-    return spec, batch
-
-
-def _spec_example(spec) -> Callable[[int, str], torch.Tensor]:
-    from dlkit.spec import IMAGE
-
-    def make(batch: int, device: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        if spec.modality == IMAGE:
-            x = torch.randn(batch, *spec.input_shape, generator=g)
-        else:
-            x = torch.randint(1, spec.vocab_size, (batch, *spec.input_shape), generator=g)
-        return x.to(device)
-
-    return make
-
-
-def _registry_target(name: str, dataset: str | None, shape, seq_len, overrides: dict) -> tuple[_Target, int | None]:
-    from dlkit.data import spec_for
-    from dlkit.models import MODELS, create_model
-
-    entry = MODELS.get(name)
-    spec, batch = _spec_input(spec_for(dataset or entry.default_dataset), shape, seq_len)
-
-    def build(device: str) -> nn.Module:
-        torch.manual_seed(0)
-        with torch.device(device):
-            return create_model(name, spec, overrides)[0]
-
-    return _Target("registry", name, _spec_example(spec), build, input_shape=spec.input_shape,
-                   default_batch=entry.train_defaults.get("batch_size", 32)), batch
-
-
-def _artifact_target(path: Path, shape, seq_len) -> tuple[_Target, int | None]:
-    from dlkit import artifacts
-
-    art = artifacts.read_artifact(path)
-    model = artifacts.load_model(art)
-    spec, batch = _spec_input(art.spec, shape, seq_len)
-    t = _Target("artifact", art.model_name, _spec_example(spec), lambda device: model, real=model,
-                precision=art.manifest.get("precision", "fp32"), input_shape=spec.input_shape)
-    return t, batch
-
-
-def load_module_class(spec: str) -> type:
-    """``path/to/file.py:ClassName`` -> the class, with one clear error per way it can fail."""
-    file, _, cls_name = spec.rpartition(":")
-    path = Path(file)
-    if not path.is_file():
-        raise NotFoundError(f"no module file {file}", hint="give path/to/file.py:ClassName")
-    mod_name = f"dlkit_user_{abs(hash(str(path.resolve())))}"
-    try:
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code: any error is theirs to see, in one line
-        sys.modules.pop(mod_name, None)
-        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
-        raise UsageError(f"cannot load {file}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                         f"{where}", hint="fix the file so that `python " + file + "` imports") from None
-    cls = getattr(module, cls_name, None)
-    if cls is None:
-        names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]
-        raise NotFoundError(f"{file} has no class {cls_name}",
-                            hint="nn.Module classes there: " + (", ".join(names) or "none"))
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UsageError(f"{cls_name} in {file} is not a torch.nn.Module (it is a {type(cls).__name__})",
-                         hint="point at a class that subclasses torch.nn.Module")
-    return cls
-
-
-def _module_target(target: str, shape) -> tuple[_Target, int | None]:
-    if shape is None:
-        raise UsageError(f"{target} needs --input-shape", hint="e.g. --input-shape 1,3,224,224 (batch first)")
-    cls = load_module_class(target)
-    try:
-        torch.manual_seed(0)
-        model = cls()
-    except Exception as exc:
-        raise UsageError(f"{cls.__name__}() failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         hint="profile needs a class that builds with no arguments") from None
-
-    def make(batch: int, device: str) -> torch.Tensor:
-        return torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0)).to(device)
-
-    t = _Target("module", cls.__name__, make, lambda device: model, real=model, input_shape=tuple(shape[1:]))
-    return t, shape[0]
-
-
-def resolve_target(target: str, *, dataset=None, input_shape=None, seq_len=None, overrides=None):
-    shape = _parse_shape(input_shape) if isinstance(input_shape, str) else input_shape
-    if target == "-" or Path(target).is_dir():
-        from dlkit.artifacts import resolve_path
-
-        return _artifact_target(resolve_path(target), shape, seq_len)
-    if ":" in target and target.rpartition(":")[0].endswith(".py"):
-        return _module_target(target, shape)
-    from dlkit.models import MODELS
-
-    if target not in MODELS and ("/" in target or target.endswith(".py")):
-        raise NotFoundError(f"no artifact folder or module file at {target}",
-                            hint="give a registry name, an artifact folder, or path/to/file.py:ClassName")
-    return _registry_target(target, dataset, shape, seq_len, overrides or {})
-
-
 # ---- the profile ----------------------------------------------------------------------------------
 
 def _forward(model: nn.Module, x, what: str):
@@ -253,7 +101,8 @@ def _stored(model: nn.Module) -> tuple[dict, int]:
             if id(t) in seen:
                 return
             seen.add(id(t))
-            by_dtype[str(t.dtype).replace("torch.", "")] = by_dtype.get(str(t.dtype).replace("torch.", ""), 0) + tensor_bytes(t)
+            dtype = str(t.dtype).replace("torch.", "")
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + tensor_bytes(t)
         elif isinstance(t, (tuple, list)):
             for u in t:
                 add(u)
@@ -379,125 +228,173 @@ def profile_target(target: str, opts: ProfileOptions | None = None) -> ProfileRe
     ``opts.measure``: None runs the real model (measured memory, latency) only where one run costs
     less than ~30 GFLOPs; True always; False never. Large registry models are counted on meta.
     """
-    from dlkit.device import check_precision, resolve_device
+    from dlkit.device import resolve_device
 
     opts = (opts or ProfileOptions()).validate()
-    optimizer, latency, measure, overrides = opts.optimizer, opts.latency, opts.measure, opts.overrides
     dev = resolve_device(opts.device)
+    tgt, precision, batch = _resolve(target, opts)
+    notes: list[str] = []
+    model, counted_on = _model_for_counting(tgt, dev)
+    count_dev = torch.device("meta") if counted_on == "meta" else dev
+    x = tgt.example(batch, str(count_dev))
+    fwd, shapes, live_peak = _count_inference(model, x, precision, count_dev)
+    train = _training(model, x, precision, count_dev, opts.optimizer, notes) if opts.training else None
+    params, memory = _params_and_memory(model, x, live_peak, train, opts.optimizer)
+    if counted_on == "meta":
+        notes.append("counted on the meta device: no weights were allocated")
+        if precision != "fp32":
+            notes.append("on meta, activations are estimated at fp32 (autocast does not apply)")
+    real = _real_model(tgt, model, counted_on, dev, fwd.flops, batch, opts)
+    lat: list[Latency] = []
+    if real is not None:
+        xr = x if counted_on != "meta" else tgt.example(batch, str(dev))
+        _measure_memory(real, xr, dev, precision, fwd.flops, train, opts, memory, notes)
+        if opts.latency:
+            lat = _measure_latencies(tgt, real, batch, fwd.flops / batch, dev, precision, opts.measure, notes)
+    elif opts.measure is not False:
+        notes.append(f"measured memory and latency skipped: {fwd.flops / 1e9:.0f} GFLOPs per batch "
+                     "(pass --measure to run it anyway)")
+    if fwd.uncounted:
+        notes.append("uncounted ops: " + ", ".join(f"{k} x{v}" for k, v in fwd.uncounted.items()))
+    return ProfileResult(
+        target=target, kind=tgt.kind, model=tgt.name, input_shape=[batch, *tgt.input_shape], batch_size=batch,
+        precision=precision, counted_on=counted_on, convention=CONVENTION, params=params,
+        forward=_forward_doc(fwd, batch), by_op=_by_op(fwd), modules=_module_rows(model, fwd, shapes, opts.depth),
+        uncounted=dict(fwd.uncounted), zero_cost=dict(fwd.listed_zero), memory=memory,
+        training=train.doc if train else None, latency=lat, notes=notes)
+
+
+def _resolve(target: str, opts: ProfileOptions) -> tuple[Target, str, int]:
+    """(the target, the precision to count in, the batch size)."""
+    from dlkit.device import check_precision
+
     tgt, shape_batch = resolve_target(target, dataset=opts.dataset, input_shape=opts.input_shape,
-                                      seq_len=opts.seq_len, overrides=overrides)
-    if overrides and tgt.kind != "registry":
+                                      seq_len=opts.seq_len, overrides=opts.overrides)
+    if opts.overrides and tgt.kind != "registry":
         raise UsageError("--set applies to registry models only")
     precision = check_precision(opts.precision or tgt.precision)
     batch = opts.batch_size or shape_batch or tgt.default_batch
     if batch < 1:
         raise UsageError("--batch-size must be at least 1")
-    notes: list[str] = []
+    return tgt, precision, batch
 
-    # Count on meta when a registry model is large (no weights allocated), else on the real device.
-    model = tgt.real
-    counted_on = str(dev)
-    if model is None:
-        model = tgt.build("meta")
-        if sum(p.numel() for p in model.parameters()) > META_PARAMS:
-            counted_on = "meta"
-        else:
-            model = tgt.build(str(dev))
-    else:
-        model.to(dev)
-    count_dev = torch.device("meta") if counted_on == "meta" else dev
-    x = tgt.example(batch, str(count_dev))
-    fwd, shapes, live_peak = _count_inference(model, x, precision, count_dev)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def _wanted(measure: bool | None, flops: float) -> bool:
+    """Whether to run the real model for ``flops``: --measure always, --no-measure never, else if cheap."""
+    return measure is True or (measure is None and flops <= MEASURE_FLOPS)
+
+
+def _model_for_counting(tgt: Target, dev: torch.device) -> tuple[nn.Module, str]:
+    """(the model, where it is counted): on meta when a registry model is large (no weights allocated)."""
+    if tgt.real is not None:
+        return tgt.real.to(dev), str(dev)
+    model = tgt.build("meta")
+    if sum(p.numel() for p in model.parameters()) > META_PARAMS:
+        return model, "meta"
+    return tgt.build(str(dev)), str(dev)
+
+
+@dataclass
+class _Training:
+    """One counted training step: the report's ``training`` section and what memory estimates need."""
+
+    doc: dict
+    saved: int  # bytes autograd saved for the backward pass
+    largest: int  # peak of saved bytes plus one op's output during the forward pass
+
+
+def _training(model: nn.Module, x, precision: str, device: torch.device, optimizer: str,
+              notes: list[str]) -> _Training | None:
+    if not any(p.requires_grad for p in model.parameters()):
+        notes.append("no trainable parameters: no training step")
+        return None
+    try:
+        tf, tb, saved, largest = _count_training(model, x, precision, device)
+    except (RuntimeError, NotImplementedError) as exc:
+        notes.append(f"no training step: {str(exc).splitlines()[0]}")
+        return None
+    doc = {
+        "forward_flops": tf.flops, "backward_flops": tb.flops, "flops": tf.flops + tb.flops,
+        "forward_macs": tf.macs, "backward_macs": tb.macs,
+        "backward_to_forward": tb.flops / tf.flops if tf.flops else None,
+        "uncounted": dict(tf.uncounted + tb.uncounted), "optimizer": optimizer,
+        "note": "measured: the ops autograd ran for one step (optimizer update not counted)",
+    }
+    return _Training(doc, saved, largest)
+
+
+def _params_and_memory(model: nn.Module, x, live_peak: int, train: _Training | None,
+                       optimizer: str) -> tuple[dict, dict]:
+    """The report's ``params`` and ``memory`` sections (memory estimated; measured ones filled later)."""
     from dlkit.profiling import count_params
 
-    total_params = count_params(model)  # int8 weights packed in quantized modules included
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
     by_dtype, stored = _stored(model)
+    params = {"total": count_params(model),  # int8 weights packed in quantized modules included
+              "trainable": sum(p.numel() for p in trainable.values()), "bytes": stored, "bytes_by_dtype": by_dtype}
     w_bytes, t_bytes = weight_bytes(model)
-    in_bytes = sum(tensor_bytes(t) for t in (x if isinstance(x, tuple) else (x,)))
-    params = {"total": total_params, "trainable": sum(p.numel() for p in {id(p): p for p in trainable}.values()),
-              "bytes": stored, "bytes_by_dtype": by_dtype}
-
-    train_doc = None
-    saved = largest = None
-    if opts.training:
-        if not trainable:
-            notes.append("no trainable parameters: no training step")
-        else:
-            try:
-                tf, tb, saved, largest = _count_training(model, x, precision, count_dev)
-                train_doc = {
-                    "forward_flops": tf.flops, "backward_flops": tb.flops, "flops": tf.flops + tb.flops,
-                    "forward_macs": tf.macs, "backward_macs": tb.macs,
-                    "backward_to_forward": tb.flops / tf.flops if tf.flops else None,
-                    "uncounted": dict(tf.uncounted + tb.uncounted), "optimizer": optimizer,
-                    "note": "measured: the ops autograd ran for one step (optimizer update not counted)",
-                }
-            except (RuntimeError, NotImplementedError) as exc:
-                notes.append(f"no training step: {str(exc).splitlines()[0]}")
     est: MemoryEstimate = estimate_memory(
         # stored: counts the packed int8 weights of quantized modules too
-        weights=max(w_bytes, stored), trainable=t_bytes, inputs=in_bytes, inference_live_peak=live_peak,
-        saved=saved if train_doc else None, activation_peak=largest or 0, optimizer=optimizer)
+        weights=max(w_bytes, stored), trainable=t_bytes,
+        inputs=sum(tensor_bytes(t) for t in (x if isinstance(x, tuple) else (x,))), inference_live_peak=live_peak,
+        saved=train.saved if train else None, activation_peak=train.largest if train else 0, optimizer=optimizer)
     memory = {"estimate": asdict(est), "measured": {"inference_peak": None, "training_peak": None},
               "measured_with": None}
-    if counted_on == "meta":
-        notes.append("counted on the meta device: no weights were allocated")
-        if precision != "fp32":
-            notes.append("on meta, activations are estimated at fp32 (autocast does not apply)")
+    return params, memory
 
-    # Real runs: measured memory and latency.
-    per_sample_flops = fwd.flops / batch
-    want = (lambda flops: measure is True or (measure is None and flops <= MEASURE_FLOPS)) \
-        if measure is not False else (lambda flops: False)
-    real = None
+
+def _real_model(tgt: Target, model: nn.Module, counted_on: str, dev: torch.device, flops: float, batch: int,
+                opts: ProfileOptions) -> nn.Module | None:
+    """The model with real weights for measured runs, or None when no run is wanted."""
     if counted_on != "meta":
-        real = model
-    elif want(fwd.flops) or (latency and want(per_sample_flops)):
-        real = tgt.build(str(dev))
-    lat: list[Latency] = []
-    if real is not None:
-        xr = x if counted_on != "meta" else tgt.example(batch, str(dev))
-        if want(fwd.flops):
-            real.eval()
+        return model
+    if _wanted(opts.measure, flops) or (opts.latency and _wanted(opts.measure, flops / batch)):
+        return tgt.build(str(dev))
+    return None
 
-            def infer():
-                with torch.no_grad():
-                    from dlkit.device import autocast
-                    with autocast(dev, precision):
-                        real(*xr) if isinstance(xr, tuple) else real(xr)
 
-            memory["measured"]["inference_peak"] = measure_peak(infer, dev)
-            memory["measured_with"] = ("torch.cuda.max_memory_allocated" if dev.type == "cuda"
-                                       else "torch.profiler (profile_memory=True) memory timeline")
-            if train_doc is not None and want(3 * fwd.flops):
-                memory["measured"]["training_peak"] = measure_peak(
-                    _train_step_fn(real, xr, optimizer, precision, dev), dev)
-        else:
-            notes.append(f"measured memory skipped: {fwd.flops / 1e9:.0f} GFLOPs per batch (pass --measure)")
-        if latency:
-            batches = [1] + ([batch] if batch != 1 else [])
-            for b in batches:
-                if not want(per_sample_flops * b):
-                    notes.append(f"latency at batch {b} skipped: {per_sample_flops * b / 1e9:.0f} GFLOPs "
-                                 "per run (pass --measure)")
-                    continue
-                xb = tgt.example(b, str(dev))
-                real.eval()
-                lat.append(measure_latency(real, xb, precision=precision))
-    elif measure is not False:
-        notes.append(f"measured memory and latency skipped: {fwd.flops / 1e9:.0f} GFLOPs per batch "
-                     "(pass --measure to run it anyway)")
+def _measure_memory(real: nn.Module, x, dev: torch.device, precision: str, flops: float,
+                    train: _Training | None, opts: ProfileOptions, memory: dict, notes: list[str]) -> None:
+    """Measured peaks of one inference (and one training step) into ``memory``, where wanted."""
+    from dlkit.device import autocast
 
-    by_op = sorted(({"op": k, "macs": v[0], "flops": v[1], "calls": fwd.calls[k]} for k, v in fwd.by_op.items()),
-                   key=lambda r: -r["flops"])
-    forward = {"macs_per_sample": fwd.macs / batch, "flops_per_sample": fwd.flops / batch,
-               "macs_per_batch": fwd.macs, "flops_per_batch": fwd.flops}
-    if fwd.uncounted:
-        notes.append("uncounted ops: " + ", ".join(f"{k} x{v}" for k, v in fwd.uncounted.items()))
-    return ProfileResult(
-        target=target, kind=tgt.kind, model=tgt.name, input_shape=[batch, *tgt.input_shape], batch_size=batch,
-        precision=precision, counted_on=counted_on, convention=CONVENTION, params=params, forward=forward,
-        by_op=by_op, modules=_module_rows(model, fwd, shapes, opts.depth), uncounted=dict(fwd.uncounted),
-        zero_cost=dict(fwd.listed_zero), memory=memory, training=train_doc, latency=lat, notes=notes)
+    if not _wanted(opts.measure, flops):
+        notes.append(f"measured memory skipped: {flops / 1e9:.0f} GFLOPs per batch (pass --measure)")
+        return
+    real.eval()
+
+    def infer():
+        with torch.no_grad(), autocast(dev, precision):
+            real(*x) if isinstance(x, tuple) else real(x)
+
+    memory["measured"]["inference_peak"] = measure_peak(infer, dev)
+    memory["measured_with"] = ("torch.cuda.max_memory_allocated" if dev.type == "cuda"
+                               else "torch.profiler (profile_memory=True) memory timeline")
+    if train is not None and _wanted(opts.measure, 3 * flops):
+        memory["measured"]["training_peak"] = measure_peak(_train_step_fn(real, x, opts.optimizer, precision, dev),
+                                                           dev)
+
+
+def _measure_latencies(tgt: Target, real: nn.Module, batch: int, per_sample_flops: float, dev: torch.device,
+                       precision: str, measure: bool | None, notes: list[str]) -> list[Latency]:
+    """Latency at batch 1 and at ``batch``, each where one run is cheap enough (or forced)."""
+    lat = []
+    for b in [1] + ([batch] if batch != 1 else []):
+        if not _wanted(measure, per_sample_flops * b):
+            notes.append(f"latency at batch {b} skipped: {per_sample_flops * b / 1e9:.0f} GFLOPs "
+                         "per run (pass --measure)")
+            continue
+        xb = tgt.example(b, str(dev))
+        real.eval()
+        lat.append(measure_latency(real, xb, precision=precision))
+    return lat
+
+
+def _forward_doc(fwd: OpCounts, batch: int) -> dict:
+    return {"macs_per_sample": fwd.macs / batch, "flops_per_sample": fwd.flops / batch,
+            "macs_per_batch": fwd.macs, "flops_per_batch": fwd.flops}
+
+
+def _by_op(fwd: OpCounts) -> list[dict]:
+    rows = ({"op": k, "macs": v[0], "flops": v[1], "calls": fwd.calls[k]} for k, v in fwd.by_op.items())
+    return sorted(rows, key=lambda r: -r["flops"])
