@@ -12,38 +12,33 @@
       - compare: {artifacts: [base, prune, quantize]}
 
 Options are spelled exactly as on the command line, without the dashes (``batch-size``,
-``finetune-epochs``, ``set``). They are checked against the commands' own signatures, so a recipe
-accepts what the CLI accepts and nothing else; every problem is reported at once with its line.
-A step's input is the previous step's artifact unless ``input:`` names an earlier step's id or a
-path. Steps call the library functions the CLI calls (no shelling out); their artifacts go under
-the run folder, and a rerun skips steps whose options and inputs are unchanged.
+``finetune-epochs``, ``set``). They are checked against the steps' options (``dlkit.steps``, the
+table the CLI uses too), so a recipe accepts what the CLI accepts and nothing else; every problem
+is reported at once with its line. A step's input is the previous step's artifact unless
+``input:`` names an earlier step's id or a path. Steps call the library functions the CLI calls;
+their artifacts go under the run folder, and a rerun skips steps whose options and inputs are
+unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib
 import json
+import shutil
+import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
+from dlkit.config import coerce
 from dlkit.errors import UsageError
+from dlkit.steps import STEPS, StepHooks, StepSpec, option_key
 
-# command -> (module, function) of its CLI entry point: the source of truth for its options
-COMMANDS = {
-    "train": ("dlkit.cli.train", "train"),
-    "evaluate": ("dlkit.cli.evaluate", "evaluate"),
-    "profile": ("dlkit.cli.profile", "profile"),
-    "prune": ("dlkit.cli.prune", "prune"),
-    "quantize": ("dlkit.cli.quantize", "quantize"),
-    "compare": ("dlkit.cli.compare", "compare"),
-}
 # Options the runner owns: where outputs go, and how they are shown.
 RUNNER_OPTIONS = {"out", "json", "quiet", "debug", "resume", "csv", "nproc", "plot"}
-# Commands whose result is an artifact (the others write a JSON report).
-MAKES_ARTIFACT = {"train", "prune", "quantize"}
 TOP_KEYS = {"name", "description", "defaults", "steps"}
 
 
@@ -56,72 +51,73 @@ class RecipeError(UsageError):
                          hint="fix them and check again with --dry-run")
 
 
+@dataclass
+class Step:
+    id: str
+    command: str
+    options: dict[str, Any]  # as written (defaults and --set applied): shown by --dry-run, fingerprinted
+    input: str | None
+    line: int
+    values: dict[str, Any] = field(default_factory=dict, repr=False)  # options as their types, by parameter
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    description: str
+    steps: list[Step] = field(default_factory=list)
+
+    def plan(self) -> list[dict]:
+        return [{"id": s.id, "command": s.command, "input": s.input, "options": s.options} for s in self.steps]
+
+
 # ----------------------------------------------------------------------------------------------
-# Command signatures
+# Option values
 
 
-@dataclass(frozen=True)
-class OptionSpec:
-    key: str  # the recipe key: the long option without dashes
-    param: str  # the Python parameter name of the CLI function
-    annotation: Any
-    positional: bool = False
-
-
-def command_options(command: str) -> dict[str, OptionSpec]:
-    """The options a command takes, read off its CLI function's signature."""
-    module, func = COMMANDS[command]
-    fn = getattr(importlib.import_module(module), func)
-    fn = getattr(fn, "__wrapped__", fn)
-    hints = typing.get_type_hints(fn, include_extras=True)
-    specs = {}
-    for name, hint in hints.items():
-        if name == "return" or typing.get_origin(hint) is not typing.Annotated:
-            continue
-        base, *meta = typing.get_args(hint)
-        info = next((m for m in meta if type(m).__name__ in ("OptionInfo", "ArgumentInfo")), None)
-        if info is None:
-            continue
-        positional = type(info).__name__ == "ArgumentInfo"
-        decls = list(getattr(info, "param_decls", None) or ())
-        if isinstance(info.default, str) and info.default.startswith("-"):
-            decls.insert(0, info.default)
-        longs = [d.split("/")[0] for d in decls if d.startswith("--")]
-        key = longs[0][2:] if longs else name.rstrip("_").replace("_", "-")
-        if key in RUNNER_OPTIONS:
-            continue
-        specs[key] = OptionSpec(key=key, param=name, annotation=base, positional=positional)
-    return specs
-
-
-def check_value(value: Any, annotation: Any) -> str | None:
-    """None if ``value`` fits the CLI annotation, else what was expected."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """A recipe value as the option's type (``config.coerce`` does the scalars); raises UsageError."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return check_value(value, inner[0]) if len(inner) == 1 else None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
-        return None if value in args else "one of " + ", ".join(map(str, args))
+        if value not in args:
+            raise UsageError(f"{key}={value!r} is not one of {', '.join(args)}")
+        return value
     if origin is list:
         if isinstance(value, dict):  # `set: {hidden: 256}` stands for `--set hidden=256`
             value = [f"{k}={v}" for k, v in value.items()]
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            problem = check_value(item, args[0] if args else str)
-            if problem:
-                return f"a list of {problem}"
-        return None
-    if annotation is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if annotation is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if annotation is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if annotation in (str, Path):
-        return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
-    return None
+        return [_coerce(v, args[0], key) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, bool) and tp is not bool:
+        raise UsageError(f"{key}={value!r} is not a {tp.__name__}")
+    if tp in (str, Path) and isinstance(value, (int, float)):
+        value = str(value)  # `input-shape: 784`
+    return Path(coerce(value, str, key)) if tp is Path else coerce(value, tp, key)
+
+
+def _expected(tp: Any) -> str:
+    """What a value of this type looks like, for a problem's message."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return "a list of " + _expected(args[0])
+    names = {bool: "true or false", int: "an integer", float: "a number"}
+    return names.get(tp, "a string")
+
+
+def _option_types(spec: StepSpec) -> dict[str, tuple[str, Any]]:
+    """recipe key -> (parameter name, type) of the options a step takes in a recipe."""
+    found = {option_key(name): (name, tp) for name, tp in spec.types().items()
+             if option_key(name) not in RUNNER_OPTIONS}
+    if spec.input_key:
+        found[spec.input_key] = (spec.input_key, list[str] if spec.takes_input == "many" else str)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,41 +142,10 @@ def _to_python(node) -> tuple[Any, Any]:
     return loader.construct_object(node, deep=True), None
 
 
-@dataclass
-class Step:
-    id: str
-    command: str
-    options: dict[str, Any]
-    input: str | None
-    line: int
-
-
-@dataclass
-class Recipe:
-    path: Path
-    name: str
-    description: str
-    steps: list[Step] = field(default_factory=list)
-
-    def plan(self) -> list[dict]:
-        return [{"id": s.id, "command": s.command, "input": s.input, "options": s.options} for s in self.steps]
-
-
-def _parse_override(text: str) -> tuple[str, str, Any]:
+def _read_document(path: Path) -> tuple[dict, dict]:
+    """The recipe as a mapping, and the line of every key in it."""
     import yaml
 
-    key, sep, raw = text.partition("=")
-    step, dot, option = key.partition(".")
-    if not sep or not dot or not step or not option:
-        raise UsageError(f"--set {text!r} is not step.option=value", hint="e.g. --set train.epochs=1")
-    return step.strip(), option.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Parse and validate a recipe; raises RecipeError listing every problem with its line."""
-    import yaml
-
-    path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
@@ -194,9 +159,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if node is None:
         raise RecipeError(str(path), ["line 1: the recipe is empty"])
     doc, lines = _to_python(node)
-    problems: list[str] = []
     if not isinstance(doc, dict):
         raise RecipeError(str(path), ["line 1: a recipe is a mapping with 'steps' (and optional name, defaults)"])
+    return doc, lines
+
+
+def _check_top_level(path: Path, doc: dict, lines: dict, problems: list[str]) -> dict:
+    """Check the keys above the steps; returns the defaults. A recipe without steps stops here."""
     for key in doc:
         if key not in TOP_KEYS:
             problems.append(f"line {lines[key][0]}: unknown key '{key}' (expected {', '.join(sorted(TOP_KEYS))})")
@@ -204,93 +173,129 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(defaults, dict):
         problems.append(f"line {lines['defaults'][0]}: 'defaults' must be a mapping of option: value")
         defaults = {}
-    raw_steps = doc.get("steps")
-    if not isinstance(raw_steps, list) or not raw_steps:
+    if not isinstance(doc.get("steps"), list) or not doc["steps"]:
         problems.append(f"line {lines['steps'][0] if 'steps' in lines else 1}: 'steps' must be a non-empty list")
         raise RecipeError(str(path), problems)
+    return defaults
 
+
+def _parse_step(raw: Any, line: int, sub: Any, problems: list[str]) -> tuple[Step, dict[str, int]] | None:
+    """One entry of 'steps' as a Step (its id still the command's name) and its options' lines."""
+    if not isinstance(raw, dict):
+        problems.append(f"line {line}: a step is a mapping like `train: {{model: cnn}}`")
+        return None
+    commands = [k for k in raw if k not in ("id", "input")]
+    if len(commands) != 1:
+        got = ", ".join(map(str, commands)) or "none"
+        problems.append(f"line {line}: a step names exactly one command (got {got})")
+        return None
+    command = commands[0]
+    if command not in STEPS:
+        problems.append(f"line {sub[command][0]}: unknown command '{command}' (known: {', '.join(STEPS)})")
+        return None
+    opts = raw[command] if raw[command] is not None else {}
+    if not isinstance(opts, dict):
+        problems.append(f"line {sub[command][0]}: the options of '{command}' must be a mapping")
+        return None
+    opt_lines = {str(k).lstrip("-"): v[0] for k, v in (sub[command][1] or {}).items()}
+    step = Step(str(raw.get("id", command)), command, dict(opts), raw.get("input"), line)
+    return step, opt_lines
+
+
+def _parse_steps(raw_steps: list, step_lines: list, problems: list[str]) -> list[tuple[Step, dict[str, int]]]:
+    """Every well-formed step, with unique ids: a repeated command is named COMMAND-N."""
     parsed = []
     seen_ids: dict[str, int] = {}
-    for i, (raw, (line, sub)) in enumerate(zip(raw_steps, lines["steps"][1])):
-        if not isinstance(raw, dict):
-            problems.append(f"line {line}: a step is a mapping like `train: {{model: cnn}}`")
+    for i, (raw, (line, sub)) in enumerate(zip(raw_steps, step_lines)):
+        found = _parse_step(raw, line, sub, problems)
+        if found is None:
             continue
-        commands = [k for k in raw if k not in ("id", "input")]
-        if len(commands) != 1:
-            problems.append(f"line {line}: a step names exactly one command (got {', '.join(map(str, commands)) or 'none'})")
-            continue
-        command = commands[0]
-        if command not in COMMANDS:
-            problems.append(f"line {sub[command][0]}: unknown command '{command}' (known: {', '.join(COMMANDS)})")
-            continue
-        opts = raw[command] if raw[command] is not None else {}
-        if not isinstance(opts, dict):
-            problems.append(f"line {sub[command][0]}: the options of '{command}' must be a mapping")
-            continue
-        step_id = str(raw.get("id", command))
-        if step_id in seen_ids:
+        step = found[0]
+        if step.id in seen_ids:
             if "id" in raw:
-                problems.append(f"line {sub['id'][0]}: step id '{step_id}' is used twice (first on line {seen_ids[step_id]})")
+                problems.append(f"line {sub['id'][0]}: step id '{step.id}' is used twice "
+                                f"(first on line {seen_ids[step.id]})")
                 continue
-            step_id = f"{command}-{i + 1}"
-        seen_ids[step_id] = line
-        opt_lines = {k: v[0] for k, v in (sub[command][1] or {}).items()}
-        parsed.append((Step(step_id, command, dict(opts), raw.get("input"), line), opt_lines, defaults))
+            step.id = f"{step.command}-{i + 1}"
+        seen_ids[step.id] = line
+        parsed.append(found)
+    return parsed
 
-    steps_by_id = {s.id: s for s, _, _ in parsed}
-    for override in overrides or []:
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    step, dot, option = key.partition(".")
+    if not sep or not dot or not step or not option:
+        raise UsageError(f"--set {text!r} is not step.option=value", hint="e.g. --set train.epochs=1")
+    return step.strip(), option.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_overrides(steps: list[Step], overrides: list[str], problems: list[str]) -> None:
+    by_id = {s.id: s for s in steps}
+    for override in overrides:
         step_id, option, value = _parse_override(override)
-        if step_id not in steps_by_id:
-            problems.append(f"--set {override}: no step '{step_id}' (steps: {', '.join(steps_by_id)})")
+        if step_id not in by_id:
+            problems.append(f"--set {override}: no step '{step_id}' (steps: {', '.join(by_id)})")
             continue
-        steps_by_id[step_id].options[option] = value
+        by_id[step_id].options[option] = value
 
-    earlier: list[str] = []
-    for step, opt_lines, defaults in parsed:
-        try:
-            specs = command_options(step.command)
-        except ImportError:
-            problems.append(f"line {step.line}: command '{step.command}' is not available in this dlkit")
-            continue
-        for key, value in defaults.items():
-            if key in specs and key not in step.options and not specs[key].positional:
-                step.options[key] = value
-        for key, value in step.options.items():
-            where = f"line {opt_lines.get(key, step.line)}"
-            if key in RUNNER_OPTIONS:
-                problems.append(f"{where}: '{key}' is set by `dlkit run` itself; remove it")
-                continue
-            spec = specs.get(key.lstrip("-"))
-            if spec is None:
-                problems.append(f"{where}: '{step.command}' has no option '{key}' "
-                                f"(it takes: {', '.join(sorted(specs))})")
-                continue
-            problem = check_value(value, spec.annotation)
-            if problem:
-                problems.append(f"{where}: {step.command} {key}={value!r} should be {problem}")
-        step.options = {k.lstrip("-"): v for k, v in step.options.items()}
-        for key, spec in specs.items():
-            required = spec.positional and key not in ("artifact", "artifacts", "target")
-            if required and key not in step.options:
-                problems.append(f"line {step.line}: '{step.command}' needs '{key}'")
-        if step.input is not None and step.input not in earlier and "/" not in str(step.input):
-            problems.append(f"line {step.line}: input '{step.input}' is not an earlier step's id "
-                            f"(earlier: {', '.join(earlier) or 'none'}) nor a path")
-        needs_input = step.command in ("evaluate", "prune", "quantize") or (
-            step.command == "profile" and "target" not in step.options)
-        if needs_input and step.input is None and not any(
-                s.command in MAKES_ARTIFACT for s in steps_by_id.values() if s.id in earlier):
-            problems.append(f"line {step.line}: '{step.command}' needs an artifact, but no earlier step makes one "
-                            "(add a train step, or input: PATH)")
-        earlier.append(step.id)
+
+def _check_options(step: Step, opt_lines: dict[str, int], defaults: dict, problems: list[str]) -> None:
+    """Apply the defaults the step takes, then check and convert every option into ``step.values``."""
+    spec = STEPS[step.command]
+    known = _option_types(spec)
+    required = [option_key(n) for n, p in spec.options().items() if p.default is p.empty]
+    for key, value in defaults.items():
+        if key in known and key not in step.options and key != spec.input_key and key not in required:
+            step.options[key] = value
+    step.options = {str(k).lstrip("-"): v for k, v in step.options.items()}
+    for key, value in step.options.items():
+        where = f"line {opt_lines.get(key, step.line)}"
+        if key in RUNNER_OPTIONS:
+            problems.append(f"{where}: '{key}' is set by `dlkit run` itself; remove it")
+        elif key not in known:
+            problems.append(f"{where}: '{step.command}' has no option '{key}' (it takes: {', '.join(sorted(known))})")
+        else:
+            name, tp = known[key]
+            try:
+                step.values[name] = _coerce(value, tp, key)
+            except UsageError:
+                problems.append(f"{where}: {step.command} {key}={value!r} should be {_expected(tp)}")
+    for key in required:
+        if key not in step.options:
+            problems.append(f"line {step.line}: '{step.command}' needs '{key}'")
+
+
+def _check_input(step: Step, earlier: list[Step], problems: list[str]) -> None:
+    """A step's input must be an earlier step or a path; a step that takes an artifact must get one."""
+    spec = STEPS[step.command]
+    if step.input is not None and step.input not in [s.id for s in earlier] and "/" not in str(step.input):
+        problems.append(f"line {step.line}: input '{step.input}' is not an earlier step's id "
+                        f"(earlier: {', '.join(s.id for s in earlier) or 'none'}) nor a path")
+    makers = [s for s in earlier if STEPS[s.command].makes_artifact]
+    if spec.takes_input == "one" and spec.input_key not in step.options and step.input is None and not makers:
+        problems.append(f"line {step.line}: '{step.command}' needs an artifact, but no earlier step makes one "
+                        "(add a train step, or input: PATH)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse and validate a recipe; raises RecipeError listing every problem with its line."""
+    path = Path(path)
+    doc, lines = _read_document(path)
+    problems: list[str] = []
+    defaults = _check_top_level(path, doc, lines, problems)
+    parsed = _parse_steps(doc["steps"], lines["steps"][1], problems)
+    steps = [step for step, _ in parsed]
+    _apply_overrides(steps, overrides or [], problems)
+    for index, (step, opt_lines) in enumerate(parsed):
+        _check_options(step, opt_lines, defaults, problems)
+        _check_input(step, steps[:index], problems)
     if problems:
         raise RecipeError(str(path), problems)
     return Recipe(path=path, name=str(doc.get("name") or path.stem), description=str(doc.get("description") or ""),
-                  steps=[s for s, _, _ in parsed])
-
-
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                  steps=steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,31 +327,11 @@ class RunResult:
 
     @property
     def artifacts(self) -> list[str]:
-        return [s.output for s in self.steps if s.command in MAKES_ARTIFACT]
+        return [s.output for s in self.steps if STEPS[s.command].makes_artifact]
 
 
-def _raw_command(command: str):
-    module, func = COMMANDS[command]
-    fn = getattr(importlib.import_module(module), func)
-    return getattr(fn, "__wrapped__", fn)
-
-
-def _cli_value(value: Any, annotation: Any) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return value if value is None else _cli_value(value, inner[0])
-    if origin is list:
-        if isinstance(value, dict):  # `set: {hidden: 256}` reads better than a list of "k=v"
-            return [f"{k}={v}" for k, v in value.items()]
-        return [_cli_value(v, args[0] if args else str) for v in (value if isinstance(value, list) else [value])]
-    if annotation is Path:
-        return Path(str(value))
-    if annotation is str and not isinstance(value, str):
-        return str(value)
-    if annotation is float and isinstance(value, int):
-        return float(value)
-    return value
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _manifest_digest(path: str) -> str:
@@ -356,12 +341,49 @@ def _manifest_digest(path: str) -> str:
         return "missing"
 
 
-def _complete(command: str, output: str) -> bool:
+class _State:
+    """run.json: each step's fingerprint, status and summary, rewritten as steps start and finish."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text()) if path.exists() else {}
+        except json.JSONDecodeError:
+            self.data = {}
+        self.steps: dict = self.data.setdefault("steps", {})
+
+    def mark(self, step_id: str, key: str, status: str, result: dict | None = None) -> None:
+        self.steps[step_id] = {"fingerprint": key, "status": status}
+        if result is not None:
+            self.steps[step_id]["result"] = result
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def _source(step: Step, earlier: list[Step], outputs: dict[str, str]) -> Any:
+    """What the step works on: the input it names, else the latest artifact (all of them for compare)."""
+    spec = STEPS[step.command]
+    if spec.takes_input is None:
+        return None
+    named = step.values.get(spec.input_key)
+    made = [outputs[s.id] for s in earlier if STEPS[s.command].makes_artifact]
+    if spec.takes_input == "many":
+        return [outputs.get(n, n) for n in named] if named else made
+    if named is not None:
+        return named
+    if step.input is not None:
+        return outputs.get(step.input, step.input)
+    return made[-1] if made else None
+
+
+def _finished(record: dict | None, key: str, spec: StepSpec, output: Path) -> bool:
+    """Done before with the same fingerprint, and its output is still whole."""
     from dlkit import artifacts
     from dlkit.errors import DlkitError
 
-    if command not in MAKES_ARTIFACT:
-        return Path(output).is_file()
+    if not record or record.get("fingerprint") != key or record.get("status") != "done":
+        return False
+    if not spec.makes_artifact:
+        return output.is_file()
     try:
         artifacts.read_artifact(output)
     except DlkitError:
@@ -369,78 +391,84 @@ def _complete(command: str, output: str) -> bool:
     return True
 
 
-def run_recipe(recipe: Recipe, folder: Path, *, quiet: bool = False, on_step=None) -> RunResult:
-    """Run every step in order under ``folder``; skip steps already done with the same inputs."""
-    import contextlib
-    import io
-    import shutil
-    import time
-
+def _clear_stale(output: Path, record: dict | None, key: str, resumable: bool) -> bool:
+    """Remove what an earlier run with other options left; True if an interrupted run can resume."""
     from dlkit import artifacts
 
+    partial = artifacts.work_folder(output)
+    if output.exists():
+        shutil.rmtree(output)  # made with other options or inputs: stale
+    if partial.exists():
+        if resumable and record and record.get("fingerprint") == key:
+            return True
+        shutil.rmtree(partial)
+    return False
+
+
+def _write_report(output: Path, doc: dict) -> None:
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(output)
+
+
+HooksFactory = Callable[[Step], ContextManager[StepHooks]]
+
+
+def _run_step(step: Step, source: Any, output: Path, key: str, state: _State, hooks: HooksFactory,
+              on_result: Callable[[Step, Any], None] | None) -> StepOutcome:
+    """Build the step's options, call its library function, keep its report and summary."""
+    spec = STEPS[step.command]
+    values = {k: v for k, v in step.values.items() if k != spec.input_key}
+    if spec.makes_artifact:
+        resumable = "resume" in spec.options()  # an interrupted train step continues where it stopped
+        resume = _clear_stale(output, state.steps.get(step.id), key, resumable)
+        values["out"] = output
+        if resumable:
+            values["resume"] = resume
+    state.mark(step.id, key, "running")
+    started = time.perf_counter()
+    source, opts = spec.build(source, **values)
+    with hooks(step) as step_hooks:
+        result = spec.run(source, opts, step_hooks)
+    doc = json.loads(json.dumps(result.to_dict(), default=str))
+    if not spec.makes_artifact:
+        _write_report(output, doc)
+    if on_result:
+        on_result(step, result)
+    if spec.check:
+        spec.check(result)  # compare's floors: the report is kept, the step stays undone
+    state.mark(step.id, key, "done", _summary(doc))
+    return StepOutcome(step.id, step.command, "ran", str(output), time.perf_counter() - started, _summary(doc))
+
+
+def _no_hooks(step: Step) -> ContextManager[StepHooks]:
+    return contextlib.nullcontext(StepHooks())
+
+
+def run_recipe(recipe: Recipe, folder: Path, *, on_step: Callable[[int, Step], None] | None = None,
+               hooks: HooksFactory = _no_hooks, on_result: Callable[[Step, Any], None] | None = None) -> RunResult:
+    """Run every step in order under ``folder``; skip steps already done with the same inputs.
+
+    ``on_step(index, step)`` is called as a step starts, ``hooks(step)`` opens what watches it
+    (progress bars), and ``on_result(step, result)`` gets the result of every step that ran."""
     folder.mkdir(parents=True, exist_ok=True)
-    state_path = folder / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    except json.JSONDecodeError:
-        state = {}
-    done: dict = state.setdefault("steps", {})
+    state = _State(folder / STATE_FILE)
     outputs: dict[str, str] = {}
-    last_artifact: str | None = None
     outcomes = []
     for index, step in enumerate(recipe.steps):
-        specs = command_options(step.command)
-        kwargs = {specs[k].param: _cli_value(v, specs[k].annotation) for k, v in step.options.items()}
-        source = outputs.get(step.input, step.input) if step.input is not None else last_artifact
-        inputs: list[str] = []
-        positional = [s for s in specs.values() if s.positional and s.key not in step.options]
-        if step.command == "compare":
-            inputs = [outputs.get(str(a), str(a)) for a in step.options.get("artifacts", [])] or [
-                outputs[s.id] for s in recipe.steps[:index] if s.command in MAKES_ARTIFACT]
-            kwargs[specs["artifacts"].param] = inputs
-        elif positional and source is not None:
-            inputs = [source]
-            kwargs[positional[0].param] = source
-        output = folder / (step.id if step.command in MAKES_ARTIFACT else f"{step.id}.json")
-        key = fingerprint(step.command, step.options, [_manifest_digest(p) for p in inputs])
+        spec = STEPS[step.command]
+        source = _source(step, recipe.steps[:index], outputs)
+        sources = source if isinstance(source, list) else [source] if source is not None else []
+        output = folder / (step.id if spec.makes_artifact else f"{step.id}.json")
+        key = fingerprint(step.command, step.options, [_manifest_digest(p) for p in sources])
         if on_step:
             on_step(index, step)
-        record = done.get(step.id)
-        if record and record.get("fingerprint") == key and _complete(step.command, str(output)):
+        record = state.steps.get(step.id)
+        if _finished(record, key, spec, output):
             outcomes.append(StepOutcome(step.id, step.command, "skipped", str(output), 0.0, record.get("result", {})))
         else:
-            resume = False
-            if step.command in MAKES_ARTIFACT:
-                partial = artifacts.work_folder(output)
-                if output.exists():
-                    shutil.rmtree(output)  # made with other options or inputs: stale
-                if partial.exists():
-                    if step.command == "train" and record and record.get("fingerprint") == key:
-                        resume = True  # an interrupted train step continues where it stopped
-                    else:
-                        shutil.rmtree(partial)
-                kwargs["out"] = output
-                if step.command == "train":
-                    kwargs["resume"] = resume
-            kwargs.update(json=True, quiet=quiet, debug=False)
-            done[step.id] = {"fingerprint": key, "status": "running"}
-            state_path.write_text(json.dumps(state, indent=2))
-            started = time.perf_counter()
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                _raw_command(step.command)(**kwargs)
-            result = json.loads(buf.getvalue()) if buf.getvalue().strip() else {}
-            if step.command not in MAKES_ARTIFACT:
-                tmp = output.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(result, indent=2, default=str))
-                tmp.replace(output)
-            done[step.id] = {"fingerprint": key, "status": "done", "result": _summary(result)}
-            state_path.write_text(json.dumps(state, indent=2))
-            outcomes.append(StepOutcome(step.id, step.command, "ran", str(output), time.perf_counter() - started,
-                                        _summary(result)))
+            outcomes.append(_run_step(step, source, output, key, state, hooks, on_result))
         outputs[step.id] = str(output)
-        if step.command in MAKES_ARTIFACT:
-            last_artifact = str(output)
     return RunResult(recipe.name, folder, outcomes)
 
 

@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from dlkit.cli import app
 from dlkit.compare import pareto
-from dlkit.recipes import RecipeError, load_recipe
+from dlkit.errors import DlkitError
+from dlkit.recipes import RecipeError, load_recipe, run_recipe
+from dlkit.steps import FloorNotMet
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 runner = CliRunner()
@@ -126,6 +128,20 @@ def test_compare_cli_floors_csv_and_plot(tiny_run, tmp_path):
     assert json.loads(res.stdout)["rows"][0]["ratios"]["params"] == 1.0
     res = run("compare", out / "base", "--fail-under", "speed=2")
     assert res.exit_code == 2 and "METRIC=VALUE" in res.stderr
+
+
+def test_compare_floor_in_a_recipe_is_an_error_not_an_exit(tiny_run, tmp_path):
+    out, _ = tiny_run
+    recipe = tmp_path / "floor.yaml"
+    recipe.write_text("# a floor no artifact meets\nsteps:\n"
+                      f"  - compare: {{artifacts: [{out / 'base'}], rounds: 1, fail-under: [accuracy=1.01]}}\n")
+    with pytest.raises(FloorNotMet) as exc:
+        run_recipe(load_recipe(recipe), tmp_path / "run")
+    assert isinstance(exc.value, DlkitError) and len(exc.value.failures) == 1
+    assert json.loads((tmp_path / "run" / "compare.json").read_text())["failures"] == exc.value.failures
+    res = run("run", recipe, "--out", tmp_path / "run", "--quiet")  # not marked done: it runs and fails again
+    assert res.exit_code == 1 and "1 artifact(s) below the floor" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
 def test_pareto_front():

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, fail, handle_errors
+from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, handle_errors
 
 
 @handle_errors
@@ -31,8 +31,9 @@ def compare(
 
     Every number is measured in this run and also given as a ratio to the first artifact.
     """
-    from dlkit.compare import CompareOptions, compare_artifacts, parse_floors, plot_compare, to_csv
+    from dlkit.compare import plot_compare, to_csv
     from dlkit.errors import UsageError
+    from dlkit.steps import STEPS, StepHooks
 
     if json and csv:
         raise UsageError("--json and --csv are exclusive", hint="pick one")
@@ -42,15 +43,13 @@ def compare(
             paths += [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
         else:
             paths.append(a)
-    if not paths:
-        raise UsageError("no artifacts to compare", hint="pass folders, or pipe paths into -")
-    floors = parse_floors(fail_under)
-    batches = tuple(sorted({1, batch_size}))
+    step = STEPS["compare"]
+    paths, opts = step.build(paths, fail_under=fail_under, batch_size=batch_size, rounds=rounds, data_dir=data_dir,
+                             device=device)
     if not quiet:
-        err.print(f"measuring {len(paths)} artifact(s): accuracy, MACs, latency at batch {', '.join(map(str, batches))}...")
-    opts = CompareOptions(batches=batches, rounds=rounds, floors=floors, data_dir=str(data_dir) if data_dir else None,
-                          device=device)
-    result = compare_artifacts([Path(p) for p in paths], opts)
+        err.print(f"measuring {len(paths)} artifact(s): accuracy, MACs, latency at batch "
+                  f"{', '.join(map(str, opts.batches))}...")
+    result = step.run(paths, opts, StepHooks())
     if plot is not None:
         plot_compare(result, plot)
     if not quiet:
@@ -61,9 +60,7 @@ def compare(
         emit_json(result.to_dict())
     elif csv:
         sys.stdout.write(to_csv(result))
-    if result.failures:
-        raise fail(f"{len(result.failures)} artifact(s) below the floor: " + "; ".join(result.failures),
-                   hint="see the table above")
+    step.check(result)  # a missed --fail-under floor: one red line, exit 1
 
 
 def render(result) -> None:

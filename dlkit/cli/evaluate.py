@@ -32,16 +32,16 @@ def evaluate(
 
     Prints the table on stderr; with --json, one JSON document on stdout.
     """
-    from dlkit.api import EvaluateOptions, evaluate_artifact
     from dlkit.artifacts import resolve_path
     from dlkit.cli.progress import DownloadProgress
+    from dlkit.steps import STEPS, StepHooks
 
+    step = STEPS["evaluate"]
+    source, opts = step.build(resolve_path(artifact), dataset=dataset, split=split, data_dir=data_dir,
+                              data_file=data_file, batch_size=batch_size, plot=plot, device=device)
     downloads = DownloadProgress(quiet)
     try:
-        opts = EvaluateOptions(dataset=dataset, split=split, data_dir=str(data_dir) if data_dir else None,
-                               data_file=str(data_file.expanduser().resolve()) if data_file else None,
-                               device=device, batch_size=batch_size, plot=plot)
-        res = evaluate_artifact(resolve_path(artifact), opts, download_progress=downloads)
+        res = step.run(source, opts, StepHooks(download_progress=downloads))
     finally:
         downloads.close()
     if not quiet:

@@ -66,19 +66,14 @@ def profile(
 
     Large registry models are counted on the meta device (no weights allocated).
     """
-    from dlkit.config import parse_assignments
-    from dlkit.errors import UsageError
-    from dlkit.profiling import ProfileOptions, profile_target
+    from dlkit.steps import STEPS, StepHooks
 
-    if preset and target and preset != target:
-        raise UsageError(f"TARGET {target!r} and --preset {preset!r} disagree", hint="give one of them")
-    target = target or preset
-    if not target:
-        raise UsageError("nothing to profile", hint="give a registry name, an artifact or file.py:ClassName")
-    opts = ProfileOptions(dataset=dataset, input_shape=input_shape, seq_len=seq_len, batch_size=batch_size,
-                          depth=depth, training=training, optimizer=optimizer, precision=precision, latency=latency,
-                          measure=measure, device=device, overrides=parse_assignments(set_) or None)
-    res = profile_target(target, opts)
+    step = STEPS["profile"]
+    target, opts = step.build(target, dataset=dataset, input_shape=input_shape, seq_len=seq_len,
+                              batch_size=batch_size, preset=preset, set_=set_, depth=depth, training=training,
+                              optimizer=optimizer, precision=precision, latency=latency, measure=measure,
+                              device=device)
+    res = step.run(target, opts, StepHooks())
     if not quiet:
         _report(res)
     if json:

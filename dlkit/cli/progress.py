@@ -63,6 +63,17 @@ class TrainProgress:
             f"{val}  {record['samples_per_s']:,.0f} samples/s  {record['epoch_seconds']:.1f}s", highlight=False)
 
 
+class StepProgress(TrainProgress):
+    """One progress bar per training run, for work that trains several times (iterative pruning
+    fine-tunes after every step; a recipe trains in several steps)."""
+
+    def on_start(self, **kw) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        super().on_start(**kw)
+
+
 class DownloadProgress:
     """Callback for dlkit.data downloads: ``(done_bytes, total_bytes_or_None, file_name)``."""
 

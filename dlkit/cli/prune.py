@@ -8,8 +8,6 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import IMPORTANCES
-
-from dlkit.cli.progress import TrainProgress
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, \
     fmt_int, handle_errors
 
@@ -70,20 +68,20 @@ def prune(
     size on disk, latency at batch 1 and 256 (medians) and validation/test accuracy.
     """
     from dlkit.artifacts import resolve_path
-    from dlkit.cli.progress import DownloadProgress
-    from dlkit.compress.prune import PruneOptions, prune_artifact
+    from dlkit.cli.progress import DownloadProgress, StepProgress
+    from dlkit.steps import STEPS, StepHooks
 
-    opts = PruneOptions(ratio=ratio, target_macs=target_macs, target_params=target_params, importance=importance,
-                        global_pruning=global_, iterative_steps=iterative_steps, finetune_epochs=finetune_epochs,
-                        finetune_lr=finetune_lr, protect=tuple(protect or ()), unstructured=unstructured,
-                        sensitivity=sensitivity, from_sensitivity=from_sensitivity, plot=plot,
-                        out=out, data_dir=str(data_dir) if data_dir else None, device=device, seed=seed)
-    opts.validate()  # bad options fail before anything is loaded
+    step = STEPS["prune"]
+    artifact, opts = step.build(  # bad options fail here, before anything is read or loaded
+        artifact, ratio=ratio, target_macs=target_macs, target_params=target_params, importance=importance,
+        global_=global_, iterative_steps=iterative_steps, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        protect=protect, unstructured=unstructured, sensitivity=sensitivity, from_sensitivity=from_sensitivity,
+        plot=plot, data_dir=data_dir, out=out, device=device, seed=seed)
     source = resolve_path(artifact)
     downloads = DownloadProgress(quiet)
     try:
-        with _StepProgress(quiet or finetune_epochs == 0, f"fine-tune {source.name}") as progress:
-            res = prune_artifact(source, opts, observer=progress, download_progress=downloads)
+        with StepProgress(quiet or finetune_epochs == 0, f"fine-tune {source.name}") as progress:
+            res = step.run(source, opts, StepHooks(observer=progress, download_progress=downloads))
     finally:
         downloads.close()
     if not quiet:
@@ -94,16 +92,6 @@ def prune(
         emit_path(res.artifact)
     elif res.plot is not None:
         emit_path(res.plot)
-
-
-class _StepProgress(TrainProgress):
-    """One progress bar per fine-tuning run (iterative pruning fine-tunes after every step)."""
-
-    def on_start(self, **kw) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        super().on_start(**kw)
 
 
 def _report(res) -> None:

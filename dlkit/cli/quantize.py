@@ -8,10 +8,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import QUANT_BACKENDS, QUANT_MODES
-
 from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, fmt_int, fmt_pct, \
     handle_errors
-
 
 
 @handle_errors
@@ -42,12 +40,13 @@ def quantize(
     the same outputs.
     """
     from dlkit.artifacts import resolve_path
-    from dlkit.compress.quantize import QuantizeOptions, quantize_artifact
+    from dlkit.steps import STEPS, StepHooks
 
-    opts = QuantizeOptions(mode=mode, backend=backend, calib_batches=calib_batches, epochs=epochs, lr=lr, out=out,
-                           data_dir=str(data_dir) if data_dir else None, repeats=repeats,
-                           eval_samples=eval_samples, seed=seed)
-    res = quantize_artifact(resolve_path(artifact), opts)
+    step = STEPS["quantize"]
+    source, opts = step.build(resolve_path(artifact), mode=mode, calib_batches=calib_batches, epochs=epochs, lr=lr,
+                              backend=backend, data_dir=data_dir, repeats=repeats, eval_samples=eval_samples,
+                              out=out, seed=seed)
+    res = step.run(source, opts, StepHooks())
     if not quiet:
         _report(res)
     if json:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from dlkit.cli import compare, evaluate, profile, prune, quantize, train
 from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, handle_errors
+
+# how each step's result is shown on stderr: the table its own command prints
+REPORTS = {"train": train._report, "evaluate": evaluate._report, "profile": profile._report,
+           "prune": prune._report, "quantize": quantize._report, "compare": compare.render}
 
 
 @handle_errors
@@ -42,7 +48,11 @@ def run(
         if not quiet:
             _plan(rec, folder, current=index)
 
-    result = run_recipe(rec, folder, quiet=quiet, on_step=on_step)
+    def on_result(step, result):
+        if not quiet:
+            REPORTS[step.command](result)
+
+    result = run_recipe(rec, folder, on_step=on_step, hooks=lambda step: _watch(step, quiet), on_result=on_result)
     if not quiet:
         from rich.table import Table
 
@@ -58,6 +68,22 @@ def run(
         emit_json(result.to_dict())
     else:
         emit_path(folder)
+
+
+@contextlib.contextmanager
+def _watch(step, quiet: bool):
+    """Progress bars for a step (training, fine-tuning, downloads); Ctrl-C stops a training step politely."""
+    from dlkit.cli.progress import DownloadProgress, StepProgress
+    from dlkit.engine.signals import stop_on_signals
+    from dlkit.steps import STEPS, StepHooks
+
+    signals = stop_on_signals() if STEPS[step.command].interruptible else contextlib.nullcontext(lambda: False)
+    downloads = DownloadProgress(quiet)
+    try:
+        with StepProgress(quiet, f"{step.id}: {step.command}") as progress, signals as stop:
+            yield StepHooks(observer=progress, should_stop=stop, download_progress=downloads)
+    finally:
+        downloads.close()
 
 
 def _plan(rec, folder, current) -> None:

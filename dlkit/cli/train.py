@@ -75,31 +75,14 @@ def train(
 
     Ctrl-C (or SIGTERM) saves a checkpoint; run the same command with --resume to continue.
     """
-    from dlkit.api import TrainRequest
-    from dlkit.config import parse_assignments
-    from dlkit.errors import UsageError
-    from dlkit.models import MODELS
+    from dlkit.steps import STEPS
 
-    if data_file is not None:
-        if dataset not in (None, "text-csv"):
-            raise UsageError(f"--data-file is for dataset text-csv, not '{dataset}'",
-                             hint="drop --dataset, or drop --data-file")
-        dataset = "text-csv"
-    if dataset is None:
-        dataset = MODELS.get(model).default_dataset
-        from dlkit.data import DATASETS
-
-        if dataset not in DATASETS:
-            raise UsageError(f"model '{model}' has no trainable default dataset", hint="pass --dataset")
-    options = dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                   momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip,
-                   label_smoothing=label_smoothing, precision=precision, augment=augment)
-    data_options = {k: v for k, v in dict(
-        data_file=str(data_file.expanduser().resolve()) if data_file else None, text_column=text_column,
-        label_column=label_column, vocab_size=vocab_size, max_len=max_len).items() if v is not None}
-    request = TrainRequest(model=model, dataset=dataset, overrides=parse_assignments(set_), options=options,
-                           data_dir=str(data_dir) if data_dir else None, val_fraction=val_fraction, out=out,
-                           resume=resume, seed=seed, device=device, data_options=data_options)
+    _, request = STEPS["train"].build(
+        None, model=model, dataset=dataset, data_dir=data_dir, val_fraction=val_fraction, data_file=data_file,
+        text_column=text_column, label_column=label_column, vocab_size=vocab_size, max_len=max_len, set_=set_,
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing,
+        precision=precision, augment=augment, out=out, resume=resume, device=device, seed=seed)
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         result = _launch(request, nproc, quiet)
     else:
@@ -116,10 +99,10 @@ def train(
 
 def _run(request, quiet: bool):
     """Train in this process: a plain run, or one worker of a distributed run (rank 0 shows progress)."""
-    from dlkit.api import train_model
     from dlkit.cli.common import setup_logging
     from dlkit.cli.progress import DownloadProgress, TrainProgress
     from dlkit.engine.signals import stop_on_signals
+    from dlkit.steps import STEPS, StepHooks
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from dlkit.engine.distributed import worker_stop_signals as stop_on_signals  # noqa: F811
@@ -130,7 +113,8 @@ def _run(request, quiet: bool):
     downloads = DownloadProgress(quiet)
     with TrainProgress(quiet, f"{request.model}/{request.dataset}") as progress, stop_on_signals() as stop:
         try:
-            return train_model(request, observer=progress, should_stop=stop, download_progress=downloads)
+            return STEPS["train"].run(None, request, StepHooks(observer=progress, should_stop=stop,
+                                                               download_progress=downloads))
         finally:
             downloads.close()
 
