@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from dlkit import artifacts
+from dlkit import artifacts, output
 from dlkit.device import native_bf16, prepare_inference, resolve_device
 from dlkit.engine import distributed
 from dlkit.engine.distributed import Context, LocalContext, env_world_size
@@ -137,12 +137,17 @@ def train_model(request: TrainRequest, *, observer: Observer | None = None,
 
     In a worker of a distributed run (torchrun, or ``dlkit train --nproc``; engine.distributed)
     this joins the process group and trains its shard; rank 0 writes the artifact and returns the
-    result, the other ranks return None.
+    result, the other ranks return None. The writer holds the destination's lock throughout
+    (dlkit.output); its work folder holds a checkpoint from the start, so an interrupted or
+    killed run can always be resumed.
     """
+    request = dataclasses.replace(request, out=_destination(request))  # one default name, chosen once
     dist, device = distributed.setup(resolve_device(request.device))
+    ctx = dist or LocalContext()
     try:
-        return _train_model(request, dist or LocalContext(), device, observer=observer, should_stop=should_stop,
-                            download_progress=download_progress)
+        with output.Destination(request.out) if ctx.is_main else contextlib.nullcontext():
+            return _train_model(request, ctx, device, observer=observer, should_stop=should_stop,
+                                download_progress=download_progress)
     finally:
         distributed.teardown(dist)
 
@@ -185,17 +190,31 @@ def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, o
     started = time.perf_counter()
     if ctx.is_main:  # rank 0 writes; the others checking too would race for the destination's lock
         cfg, final = check_train_request(request, ctx.world_size)
+        _warn_emulated_bf16(cfg, device)
     else:
         cfg, final = _train_config(request, ctx.world_size), _destination(request)
-    if ctx.is_main:
-        _warn_emulated_bf16(cfg, device)
     data = _load_data(request, ctx, download_progress)
     torch.manual_seed(request.seed)
     model, model_cfg = create_model(request.model, data.spec, request.overrides)
     run = _Job(request, cfg, ctx, device, final, data, model, model_cfg)
-    state, opt_state = _resume(run) if request.resume else (None, None)
+    state, opt_state = _resume(run) if request.resume else _begin(run)
     if not ctx.is_main:
         return _follow_main(run, state, opt_state, should_stop)
+    try:
+        return _train_and_save(run, state, opt_state, observer, should_stop, started)
+    except BaseException as exc:
+        from dlkit.engine.checkpoint import discard_untrained
+
+        if not isinstance(exc, Interrupted):
+            discard_untrained(run.work)  # failed before any step: nothing to resume, nothing to block
+        raise
+
+
+def _train_and_save(run: _Job, state: TrainState | None, opt_state: dict | None, observer: Observer | None,
+                    should_stop: Callable[[], bool], started: float) -> TrainResult:
+    from dlkit.engine.checkpoint import remove_checkpoint
+
+    ctx, model, cfg, final = run.ctx, run.model, run.cfg, run.final
     ddp = _describe_distributed(ctx, cfg)
     with _log_to_file(run.work):
         _log_start(run, ddp)
@@ -205,13 +224,23 @@ def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, o
         val, test, metrics = _final_metrics(run, state)
         manifest = _manifest(run, metrics, ddp)
         _plots(run, state, test)
-        for name in ("checkpoint.safetensors", "checkpoint.json"):
-            (run.work / name).unlink(missing_ok=True)
         model.to("cpu").to(memory_format=torch.contiguous_format)
-    artifacts.write_artifact(final, model, manifest, work=run.work)
-    return TrainResult(artifact=final, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
-                       seconds=time.perf_counter() - started, device=str(device), data_source=data.source,
+    landed = artifacts.write_artifact(final, model, manifest, work=run.work)
+    remove_checkpoint(landed)  # only now: until the artifact is in place, the checkpoint can resume it
+    return TrainResult(artifact=landed, manifest=manifest, config=cfg, history=state.history, val=val, test=test,
+                       seconds=time.perf_counter() - started, device=str(run.device), data_source=run.data.source,
                        distributed=ddp)
+
+
+def _begin(run: _Job) -> tuple[None, None]:
+    """Rank 0 creates the work folder with a checkpoint of the untrained model in it (staged, then
+    renamed: the folder never exists without one), so that a run killed at any moment resumes."""
+    from dlkit.engine.checkpoint import save_checkpoint
+
+    if run.ctx.is_main:
+        output.create_work(run.final, lambda folder: save_checkpoint(folder, run.model, None, TrainState(),
+                                                                     run.checkpoint_extra()))
+    return None, None
 
 
 def _warn_emulated_bf16(cfg: TrainConfig, device: torch.device) -> None:
@@ -315,10 +344,9 @@ def _train_main(run: _Job, state: TrainState | None, opt_state: dict | None, obs
     if not state.completed:
         checkpoint(state, optimizer)
         run.ctx.barrier()  # the other ranks wait for this checkpoint before they exit
-        r = run.request
         raise Interrupted(
             f"stopped at epoch {state.epoch + 1}, step {state.step}; a checkpoint is saved in {run.work}",
-            hint=f"continue with: dlkit train {r.model} --dataset {r.dataset} --out {run.final} --resume",
+            hint=f"run the same command again with --resume (and --out {run.final})",
         )
     return state
 

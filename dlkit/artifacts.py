@@ -143,16 +143,16 @@ def write_artifact(final: Path, model, manifest: dict, *, work: Path | None = No
                    files: dict[str, bytes | str] | None = None) -> Path:
     """Save ``model`` and ``manifest`` (plus ``files``) as an artifact at ``final``, atomically.
 
-    Without ``work`` the artifact is built in a fresh work folder, removed again on failure. With
-    ``work`` (a training run's folder, holding its checkpoint) that folder is kept on failure, so
-    nothing finished is lost. Returns where the artifact landed: ``final``, or ``final-N`` when
-    ``final`` appeared meanwhile (see dlkit.output.commit)."""
+    Without ``work`` the artifact is built in a fresh folder of this process's own, removed again
+    on failure. With ``work`` (a training run's folder, holding its checkpoint) that folder is kept
+    on failure, so nothing finished is lost. Returns where the artifact landed: ``final``, or
+    ``final-N`` when ``final`` appeared meanwhile (see dlkit.output.commit). Callers check the
+    destination before their work begins (check_destination) and hold its lock throughout."""
     final = Path(final)
     with output.Destination(final):
         own = work is None
         if own:
-            output.check_free(final)
-            work = output.create_work(final)
+            work = output.staging_folder(final)
         try:
             _write_contents(Path(work), model, manifest, files or {})
         except BaseException as exc:

@@ -166,6 +166,8 @@ def plot_compare(result: CompareResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dlkit.output import save_figure
+
     big = max(result.batches)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, xs, label in (
@@ -185,7 +187,7 @@ def plot_compare(result: CompareResult, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -4,11 +4,12 @@ A command that writes ``DEST`` does it like a database commits a transaction:
 
 1. It takes an exclusive lock on ``DEST`` for as long as it runs (``flock`` on ``.DEST.lock``
    beside it, holding the writer's pid). A second writer gets one line naming that pid.
-2. It builds the result in a work folder, ``DEST.partial``, that it created itself: a work folder
-   or a symbolic link already there is never reused or followed (except a training run's own
-   checkpoint folder, resumed on request); the error says what is there and how to go on.
-   A work folder is created complete or not at all: it is staged under a temporary name, given
-   its first contents (a training run's epoch-0 checkpoint), then renamed into place.
+2. It builds the result in a folder it created itself: ``DEST.partial.new-PID`` for a one-shot
+   write, ``DEST.partial`` for a training run (which keeps its checkpoint there, to resume). A
+   ``DEST.partial`` or a symbolic link already there is never reused or followed (except a training
+   run's own checkpoint folder, resumed on request): the error says what is there and how to go on.
+   A training run's work folder is created complete or not at all: staged under the temporary
+   name, given its epoch-0 checkpoint, then renamed into place.
 3. It renames the work folder to ``DEST`` without ever replacing anything (``renameat2`` with
    ``RENAME_NOREPLACE``). If ``DEST`` appeared meanwhile, the finished work goes to the first free
    ``DEST-N`` instead, and the caller reports where.
@@ -19,6 +20,7 @@ becomes one :class:`OutputError` line naming the path and what the system said.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -170,8 +172,22 @@ def check_free(final: Path, *, resumable: Callable[[Path], bool] | None = None, 
     if resume:
         raise OutputError(f"nothing to resume: {work} holds no checkpoint",
                           hint=f"it is left from a run that stopped before training began: remove it (rm -r {work})")
-    raise OutputError(f"{work} is left from an interrupted run and holds nothing to resume",
-                      hint=f"remove it (rm -r {work}) and run again")
+    raise OutputError(f"{work} is in the way: it is left from an interrupted run",
+                      hint=f"if that was `dlkit train`, continue it with the same command and --resume; "
+                           f"else remove it (rm -r {work})")
+
+
+def staging_folder(final: Path) -> Path:
+    """A fresh folder beside ``final`` that only this process uses (``DEST.partial.new-PID``)."""
+    final = Path(final)
+    staging = final.with_name(f"{final.name}{STAGING}{os.getpid()}")
+    if staging.is_dir() and not staging.is_symlink():  # ours, from an earlier failed write: we hold the lock
+        shutil.rmtree(staging)
+    try:
+        os.mkdir(staging, 0o755)
+    except OSError as exc:
+        raise os_error(exc, staging) from None
+    return staging
 
 
 def create_work(final: Path, populate: Callable[[Path], None] | None = None) -> Path:
@@ -181,11 +197,7 @@ def create_work(final: Path, populate: Callable[[Path], None] | None = None) -> 
     so a work folder is never seen half-created."""
     final = Path(final)
     work = work_folder(final)
-    staging = final.with_name(f"{final.name}{STAGING}{os.getpid()}")
-    try:
-        os.mkdir(staging, 0o755)
-    except OSError as exc:
-        raise os_error(exc, staging) from None
+    staging = staging_folder(final)
     try:
         if populate is not None:
             populate(staging)
@@ -264,3 +276,28 @@ class Destination:
 
     def __exit__(self, *exc) -> None:
         release(self.final)
+
+
+def write_file(path: Path | str, data: bytes) -> Path:
+    """Write one file the user named (a plot, a report) whole or not at all: a temporary file beside
+    it, renamed over it. Folders above it are made; an OSError becomes one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise os_error(exc, path) from None
+    return path
+
+
+def save_figure(fig, path: Path | str, **kwargs) -> Path:
+    """A matplotlib figure as a PNG at ``path`` (see write_file)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kwargs)
+    return write_file(path, buf.getvalue())

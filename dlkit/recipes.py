@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import time
 import types
@@ -142,14 +143,21 @@ def _to_python(node) -> tuple[Any, Any]:
     return loader.construct_object(node, deep=True), None
 
 
+def text_line(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
 def _read_document(path: Path) -> tuple[dict, dict]:
     """The recipe as a mapping, and the line of every key in it."""
     import yaml
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read recipe {path}: {exc.strerror}", hint="check the path") from None
+    except UnicodeDecodeError as exc:
+        line = text_line(path.read_bytes(), exc.start)
+        raise RecipeError(str(path), [f"line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})"]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -211,6 +219,10 @@ def _parse_steps(raw_steps: list, step_lines: list, problems: list[str]) -> list
         if found is None:
             continue
         step = found[0]
+        if not _plain(step.id):
+            problems.append(f"line {sub['id'][0] if 'id' in raw else line}: step id '{step.id}' names a folder in the "
+                            "run folder: use letters, digits, '.', '_' and '-' (no separators)")
+            continue
         if step.id in seen_ids:
             if "id" in raw:
                 problems.append(f"line {sub['id'][0]}: step id '{step.id}' is used twice "
@@ -290,12 +302,43 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     steps = [step for step, _ in parsed]
     _apply_overrides(steps, overrides or [], problems)
     for index, (step, opt_lines) in enumerate(parsed):
+        before = len(problems)
         _check_options(step, opt_lines, defaults, problems)
         _check_input(step, steps[:index], problems)
+        if len(problems) == before:
+            _check_values(step, problems)
+    name = str(doc.get("name") or path.stem)
+    if not _plain(name):
+        where = f"line {lines['name'][0]}" if "name" in doc else "the file name"
+        problems.append(f"{where}: recipe name '{name}' names its run folder: use letters, digits, '.', '_' and '-' "
+                        "(no separators, not starting with '.')")
     if problems:
         raise RecipeError(str(path), problems)
-    return Recipe(path=path, name=str(doc.get("name") or path.stem), description=str(doc.get("description") or ""),
-                  steps=steps)
+    return Recipe(path=path, name=name, description=str(doc.get("description") or ""), steps=steps)
+
+
+PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _plain(name: str) -> bool:
+    """A name that stays one folder inside the run folder: no separators, no '..', no leading dot."""
+    return PLAIN.fullmatch(name) is not None and len(name) <= 128
+
+
+def _check_values(step: Step, problems: list[str]) -> None:
+    """Build the step's options as the run will and validate them (ranges, names, combinations), so
+    that --dry-run accepts exactly what the real run accepts; inputs are not looked at."""
+    from dlkit.errors import DlkitError
+
+    spec = STEPS[step.command]
+    placeholder = {None: None, "one": "INPUT", "many": ["INPUT"]}[spec.takes_input]
+    values = {k: v for k, v in step.values.items() if k != spec.input_key}
+    try:
+        _, opts = spec.build(step.values.get(spec.input_key, placeholder) or placeholder, **values)
+        if hasattr(opts, "validate"):
+            opts.validate()
+    except DlkitError as exc:
+        problems.append(f"line {step.line}: {step.command}: {exc.message}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,11 +395,20 @@ class _State:
             self.data = {}
         self.steps: dict = self.data.setdefault("steps", {})
 
-    def mark(self, step_id: str, key: str, status: str, result: dict | None = None) -> None:
+    def mark(self, step_id: str, key: str, status: str, result: dict | None = None, error: str | None = None) -> None:
         self.steps[step_id] = {"fingerprint": key, "status": status}
         if result is not None:
             self.steps[step_id]["result"] = result
-        self.path.write_text(json.dumps(self.data, indent=2))
+        if error is not None:
+            self.steps[step_id]["error"] = error
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.data, indent=2))
+            tmp.replace(self.path)
+        except OSError as exc:
+            from dlkit.output import os_error
+
+            raise os_error(exc, self.path) from None
 
 
 def _source(step: Step, earlier: list[Step], outputs: dict[str, str]) -> Any:
@@ -394,12 +446,16 @@ def _finished(record: dict | None, key: str, spec: StepSpec, output: Path) -> bo
 def _clear_stale(output: Path, record: dict | None, key: str, resumable: bool) -> bool:
     """Remove what an earlier run with other options left; True if an interrupted run can resume."""
     from dlkit import artifacts
+    from dlkit.engine.checkpoint import has_checkpoint
 
     partial = artifacts.work_folder(output)
+    for path in (output, partial):
+        if path.is_symlink():
+            path.unlink()  # never followed: only the link goes
     if output.exists():
         shutil.rmtree(output)  # made with other options or inputs: stale
     if partial.exists():
-        if resumable and record and record.get("fingerprint") == key:
+        if resumable and record and record.get("fingerprint") == key and has_checkpoint(partial):
             return True
         shutil.rmtree(partial)
     return False
@@ -427,9 +483,13 @@ def _run_step(step: Step, source: Any, output: Path, key: str, state: _State, ho
             values["resume"] = resume
     state.mark(step.id, key, "running")
     started = time.perf_counter()
-    source, opts = spec.build(source, **values)
-    with hooks(step) as step_hooks:
-        result = spec.run(source, opts, step_hooks)
+    try:
+        source, opts = spec.build(source, **values)
+        with hooks(step) as step_hooks:
+            result = spec.run(source, opts, step_hooks)
+    except BaseException as exc:
+        _record_failure(state, step, key, exc)
+        raise
     doc = json.loads(json.dumps(result.to_dict(), default=str))
     if not spec.makes_artifact:
         _write_report(output, doc)
@@ -439,6 +499,18 @@ def _run_step(step: Step, source: Any, output: Path, key: str, state: _State, ho
         spec.check(result)  # compare's floors: the report is kept, the step stays undone
     state.mark(step.id, key, "done", _summary(doc))
     return StepOutcome(step.id, step.command, "ran", str(output), time.perf_counter() - started, _summary(doc))
+
+
+def _record_failure(state: _State, step: Step, key: str, exc: BaseException) -> None:
+    """run.json says which step failed and why; an interrupted train step says how it goes on."""
+    from dlkit.errors import DlkitError, Interrupted
+
+    if isinstance(exc, Interrupted):
+        exc.hint = "run the same `dlkit run` again: the step continues from its checkpoint"
+    message = exc.message if isinstance(exc, DlkitError) else ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                                                              else f"{type(exc).__name__}: {exc}")
+    state.mark(step.id, key, "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed",
+               error=message)
 
 
 def _no_hooks(step: Step) -> ContextManager[StepHooks]:
@@ -451,7 +523,17 @@ def run_recipe(recipe: Recipe, folder: Path, *, on_step: Callable[[int, Step], N
 
     ``on_step(index, step)`` is called as a step starts, ``hooks(step)`` opens what watches it
     (progress bars), and ``on_result(step, result)`` gets the result of every step that ran."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from dlkit import output as out_folder
+
+    with out_folder.Destination(folder):  # one `dlkit run` at a time per run folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise out_folder.os_error(exc, folder) from None
+        return _run_steps(recipe, folder, on_step, hooks, on_result)
+
+
+def _run_steps(recipe: Recipe, folder: Path, on_step, hooks, on_result) -> RunResult:
     state = _State(folder / STATE_FILE)
     outputs: dict[str, str] = {}
     outcomes = []

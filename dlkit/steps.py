@@ -190,7 +190,7 @@ def quantize_options(source: Path | str, *, mode: Literal[QUANT_MODES] = "dynami
 
 
 def compare_options(source: list[Path | str], *, fail_under: Optional[list[str]] = None, batch_size: int = 256,
-                    rounds: int = 3, data_dir: Optional[Path] = None, device: Literal[DEVICES] = "cpu"):
+                    rounds: int = 10, data_dir: Optional[Path] = None, device: Literal[DEVICES] = "cpu"):
     """``dlkit compare``'s options -> (artifacts, CompareOptions); batch 1 is always timed.
 
     ``--plot`` and ``--csv`` are renderings the CLI makes of the result (``dlkit.compare``)."""

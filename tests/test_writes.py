@@ -33,8 +33,11 @@ def _model_and_manifest(hidden=16):
 
 
 def _write(path, hidden=16, **kw):
+    """What every command does: check the destination first, then write (holding the lock)."""
     model, manifest = _model_and_manifest(hidden)
-    return artifacts.write_artifact(path, model, manifest, **kw)
+    with output.Destination(path):
+        artifacts.check_destination(path)
+        return artifacts.write_artifact(path, model, manifest, **kw)
 
 
 def _nothing_left(tmp_path, name):
@@ -52,7 +55,7 @@ def test_a_stale_work_folder_is_not_reused(tmp_path):
     stale = tmp_path / "x.partial"
     stale.mkdir()
     (stale / "checkpoint.json").write_text("{}")
-    with pytest.raises(OutputError, match="x.partial is left from an interrupted run"):
+    with pytest.raises(OutputError, match="x.partial is in the way: it is left from an interrupted run"):
         _write(tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in stale.iterdir()) == ["checkpoint.json"]
@@ -80,7 +83,8 @@ def test_a_destination_that_appears_meanwhile_is_kept_and_the_work_too(tmp_path,
         (final / "theirs").write_text("keep me")
 
     monkeypatch.setattr(artifacts, "_write_contents", then_someone_creates_it)
-    landed = _write(final)
+    model, manifest = _model_and_manifest()
+    landed = artifacts.write_artifact(final, model, manifest)
     assert landed == tmp_path / "y-2"
     assert (final / "theirs").read_text() == "keep me"  # never replaced
     assert artifacts.read_artifact(landed).model_name == "mlp"

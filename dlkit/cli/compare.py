@@ -19,7 +19,8 @@ def compare(
     fail_under: Annotated[Optional[list[str]], typer.Option(help="Exit non-zero when an artifact misses a floor, "
                                                             "e.g. accuracy=0.9 (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option(help="The large batch for latency (batch 1 is always timed).")] = 256,
-    rounds: Annotated[int, typer.Option(help="Alternating timing rounds; medians are reported.", min=1)] = 3,
+    rounds: Annotated[int, typer.Option(help="Alternating timing rounds (batch 1: 4x as many); medians are "
+                                        "reported.", min=1)] = 10,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the datasets' files.")] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
     device: DeviceOpt = "cpu",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -83,10 +84,18 @@ def train(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing,
         precision=precision, augment=augment, out=out, resume=resume, device=device, seed=seed)
-    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        result = _launch(request, nproc, quiet)
-    else:
-        result = _run(request, quiet)
+    from dlkit.api import default_out
+    from dlkit.errors import Interrupted
+
+    request.out = request.out or default_out(request.model, request.dataset)
+    try:
+        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            result = _launch(request, nproc, quiet)
+        else:
+            result = _run(request, quiet)
+    except Interrupted as exc:
+        exc.hint = f"continue with: {_resume_command(request.out)}"
+        raise
     if result is None:  # a worker other than rank 0 (under torchrun): rank 0 reports
         return
     if not quiet:
@@ -95,6 +104,18 @@ def train(
         emit_json(result.to_dict())
     else:
         emit_path(result.artifact)
+
+
+def _resume_command(out: Path) -> str:
+    """The command line as typed, with the --out it wrote to and --resume."""
+    import shlex
+
+    args = sys.argv[1:]
+    if not any(a in ("--out", "-o") or a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dlkit", *args])
 
 
 def _run(request, quiet: bool):
@@ -134,7 +155,7 @@ def _launch(request, nproc: int, quiet: bool):
 
     from dlkit import artifacts
     from dlkit.api import check_train_request
-    from dlkit.engine.checkpoint import has_checkpoint
+    from dlkit.engine.checkpoint import discard_untrained, has_checkpoint
     from dlkit.engine.distributed import launch
     from dlkit.errors import DlkitError, Interrupted
 
@@ -146,7 +167,7 @@ def _launch(request, nproc: int, quiet: bool):
         return launch(nproc, _worker, request, quiet)
     except DlkitError as exc:
         resume = f"dlkit train {request.model} --dataset {request.dataset} --out {request.out} --nproc {nproc} --resume"
-        if has_checkpoint(work):
+        if has_checkpoint(work) and not discard_untrained(work):
             exc.hint = f"a checkpoint is kept in {work}; continue with: {resume}"
         elif not request.resume:
             shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping: leave no half-written run

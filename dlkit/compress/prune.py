@@ -14,6 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlkit import artifacts
+from dlkit import artifacts, output
 from dlkit.choices import IMPORTANCES
 from dlkit.compress.search import find_ratio, plot_sensitivity, ratios_from_sensitivity, sensitivity_analysis
 from dlkit.compress.structured import head_of, prune_structured, resolve_protect, same_modules, widths_of
@@ -269,6 +270,13 @@ def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, downl
     """Prune an artifact and save the result as a new artifact; measure both in the same run."""
     started = time.perf_counter()
     run = _start(path, opts.validate(), observer, download_progress)
+    with output.Destination(run.out) if run.out else contextlib.nullcontext():  # held until written
+        if run.out:
+            artifacts.check_destination(run.out)  # again, now under the lock
+        return _prune(run, opts, started)
+
+
+def _prune(run: _Run, opts: PruneOptions, started: float) -> PruneResult:
     if opts.sensitivity:
         _sensitivity(run)
     if run.mode != "sensitivity":
@@ -343,8 +351,7 @@ def _sensitivity(run: _Run) -> None:
         run.files["sensitivity.png"] = png
         return
     plot = Path(opts.plot) if opts.plot else run.art.path.parent / f"{run.art.path.name}-sensitivity.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    plot.write_bytes(png)
+    output.write_file(plot, png)
     run.result.plot = plot
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlkit import artifacts
+from dlkit import artifacts, output
 from dlkit.choices import INT8_MODES, QUANT_BACKENDS, QUANT_MODES
 from dlkit.compress.codec import HALF, KIND, decode_weights, encode_weights, quiet_ao  # noqa: F401 (registers the codec)
 from dlkit.errors import ArtifactError, DataError, IncompatibleError, UsageError
@@ -337,6 +337,12 @@ def quantize_artifact(path: Path | str, opts: QuantizeOptions) -> QuantizeResult
     opts.validate()
     art = artifacts.read_artifact(path)
     final = _check(art, opts)
+    with output.Destination(final):  # held until the new artifact is in place
+        return _quantize(art, final, opts, started)
+
+
+def _quantize(art, final: Path, opts: QuantizeOptions, started: float) -> QuantizeResult:
+    artifacts.check_destination(final)  # again, now under the lock
     data = _load_data(art, opts)
     float_model = artifacts.load_model(art)
     model, history = _quantized_copy(float_model, art, data, opts)
@@ -346,7 +352,7 @@ def quantize_artifact(path: Path | str, opts: QuantizeOptions) -> QuantizeResult
     if opts.eval_samples is not None:  # the first N test samples: quicker, coarser accuracy
         x_test, y_test = x_test[:opts.eval_samples], y_test[:opts.eval_samples]
     before, after = _measure(float_model, model, transform, layers, art, (x_test, y_test), opts)
-    _write(final, model, transform, art, before, after, history, opts)
+    final = _write(final, model, transform, art, before, after, history, opts)
     verified = _verify(final, model, art, x_test, after, opts)
     int8 = opts.mode in INT8_MODES
     return QuantizeResult(final, art.path, art.model_name, art.manifest["model"].get("family", ""), opts.mode,
@@ -455,7 +461,7 @@ def _measure(float_model, model, transform: dict, layers: list[str], art, test, 
 
 
 def _write(final: Path, model, transform: dict, art, before: QuantizeSide, after: QuantizeSide,
-           history: list[dict], opts: QuantizeOptions) -> None:
+           history: list[dict], opts: QuantizeOptions) -> Path:
     manifest = copy.deepcopy(art.manifest)
     manifest["model"].setdefault("transforms", []).append(transform)
     manifest["precision"] = after.precision
@@ -468,7 +474,7 @@ def _write(final: Path, model, transform: dict, art, before: QuantizeSide, after
     manifest["lineage"].append(artifacts.lineage_step("quantize", options, metrics, parent=str(art.path)))
     manifest["metrics"] = metrics
     files = {"history.jsonl": "".join(json.dumps(r) + "\n" for r in history)} if history else {}
-    artifacts.write_artifact(final, model, manifest, files=files)
+    return artifacts.write_artifact(final, model, manifest, files=files)
 
 
 def _verify(final: Path, model, art, x_test: torch.Tensor, after: QuantizeSide, opts: QuantizeOptions) -> bool:

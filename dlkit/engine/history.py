@@ -50,6 +50,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dlkit.output import save_figure
+
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
@@ -62,7 +64,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -71,6 +73,8 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from dlkit.output import save_figure
 
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
@@ -86,5 +90,5 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -6,6 +6,7 @@ real device), how to make example inputs of a given batch, and the per-sample in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -117,7 +118,12 @@ def load_module_class(spec: str) -> type:
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(sys.stderr):  # its prints must not mix into dlkit's stdout
+            module_spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(mod_name, None)
+        raise UsageError(f"cannot load {file}: it calls sys.exit({exc.code!r}) when imported",
+                         hint="put the script part under `if __name__ == \"__main__\":`") from None
     except Exception as exc:  # the user's code: any error is theirs to see, in one line
         sys.modules.pop(mod_name, None)
         where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
@@ -140,8 +146,9 @@ def module_target(target: str, shape) -> tuple[Target, int | None]:
     cls = load_module_class(target)
     try:
         torch.manual_seed(0)
-        model = cls()
-    except Exception as exc:
+        with contextlib.redirect_stdout(sys.stderr):
+            model = cls()
+    except (Exception, SystemExit) as exc:
         raise UsageError(f"{cls.__name__}() failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                          hint="profile needs a class that builds with no arguments") from None
 
