@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
 
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+STARTUP_SHARE = 0.2  # of the kills land while the process starts; the rest while it trains and writes
 
 
 def command(out: Path, args, resume: bool) -> list[str]:
@@ -39,33 +40,50 @@ def command(out: Path, args, resume: bool) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
-def run_once(out: Path, args, rng: random.Random, window: float) -> dict:
-    attempts, signals, manual, log = 0, [], 0, []
+def run_once(out: Path, args, rng: random.Random, startup: float, window: float) -> dict:
+    attempts, signals, late, manual, log = 0, [], 0, 0, []
     while attempts < args.max_attempts and not out.is_dir():  # a kill after the final rename: done
         attempts += 1
         resume = os.path.lexists(str(out) + ".partial")
+        started = time.monotonic()
         proc = subprocess.Popen(command(out, args, resume), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        delay = rng.uniform(0.0, window)
+        if rng.random() < STARTUP_SHARE:  # while Python and torch load, data and model are built
+            at = started + rng.uniform(0.0, startup)
+        else:  # while it trains, checkpoints, evaluates and writes the artifact
+            _wait_for(Path(str(out) + ".partial"), proc, started + 2 * startup + 5)
+            at = time.monotonic() + rng.uniform(0.0, window)
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=max(0.0, at - time.monotonic()))
         except subprocess.TimeoutExpired:
             name = rng.choice(list(SIGNALS))
             proc.send_signal(SIGNALS[name])
-            signals.append(name)
             _, err = proc.communicate()
-            if proc.returncode == 0:  # it finished before the signal arrived
+            if proc.returncode == 0:  # it finished before the signal could act
+                late += 1
                 break
-            log.append(f"{name}: rc {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+            signals.append(name)
+            log.append(f"{name}: rc {proc.returncode}: {_last_line(err, out)}")
             continue
         _, err = proc.communicate()
         if proc.returncode == 0:
             break
         manual += 1  # not killed, and still failed: the user would have to step in
-        log.append(f"unkilled rc {proc.returncode}: {err.strip()}")
+        log.append(f"unkilled rc {proc.returncode}: {_last_line(err, out)}")
         shutil.rmtree(str(out) + ".partial", ignore_errors=True)  # the manual step
-    return {"attempts": attempts, "signals": signals, "manual_steps": manual, "finished": out.is_dir(),
-            "log": log}
+    return {"attempts": attempts, "signals": signals, "late_signals": late, "manual_steps": manual,
+            "finished": out.is_dir(), "log": log}
+
+
+def _last_line(err: str, out: Path) -> str:
+    """The error's last line, without the temporary folder's path."""
+    lines = err.strip().splitlines()
+    return lines[-1].replace(str(out.parent) + os.sep, "") if lines else ""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, deadline: float) -> None:
+    while not os.path.lexists(path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -79,22 +97,27 @@ def identical(a: Path, b: Path) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--model", default="mlp")
+    p.add_argument("--model", default="cnn")
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-attempts", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="dlkit-faults-"))
     try:
-        started = time.perf_counter()
-        subprocess.run(command(root / "reference", args, False), check=True, capture_output=True)
-        window = 1.2 * (time.perf_counter() - started)  # kill anywhere in a whole run, start-up included
+        started = time.monotonic()
+        ref = subprocess.Popen(command(root / "reference", args, False), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        _wait_for(root / "reference.partial", ref, started + 120)
+        startup = time.monotonic() - started
+        if ref.wait() != 0:
+            raise SystemExit(f"the uninterrupted run failed: {ref.stderr.read().decode()}")
+        window = 1.1 * (time.monotonic() - started - startup)
         rows, same, manual, finished = [], 0, 0, 0
         for i in range(args.runs):
             out = root / f"run-{i}"
-            r = run_once(out, args, rng, window)
+            r = run_once(out, args, rng, startup, window)
             r["identical"] = r["finished"] and identical(out, root / "reference")
             same += r["identical"]
             manual += r["manual_steps"] > 0
@@ -107,10 +130,12 @@ def main() -> None:
     kills = {name: sum(r["signals"].count(name) for r in rows) for name in SIGNALS}
     summary = {"runs": args.runs, "finished": finished, "identical_to_uninterrupted": same,
                "runs_needing_a_manual_step": manual, "kills": kills,
+               "late_signals": sum(r["late_signals"] for r in rows),
                "attempts_median": sorted(r["attempts"] for r in rows)[len(rows) // 2],
-               "kill_window_s": round(window, 2)}
+               "startup_s": round(startup, 2), "kill_window_after_startup_s": round(window, 2)}
     print_table(f"dlkit train {args.model} --dataset {args.dataset} --epochs {args.epochs}, killed at random "
-                f"(within {window:.1f} s) and resumed until done",
+                f"({STARTUP_SHARE:.0%} during the {startup:.1f} s start-up, else within {window:.1f} s of it) "
+                "and resumed until done",
                 ["runs", "finished", "identical", "needed a manual step", "SIGINT", "SIGTERM", "SIGKILL",
                  "median attempts"],
                 [[args.runs, finished, same, manual, kills["SIGINT"], kills["SIGTERM"], kills["SIGKILL"],

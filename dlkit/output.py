@@ -81,6 +81,7 @@ def _holder(lock: Path) -> str:
 
 def acquire(final: Path) -> Path:
     """Take the exclusive lock on ``final`` (re-entrant within this process)."""
+    shown = Path(final)  # as the user wrote it, for messages
     final = Path(os.path.abspath(final))
     lock = _lock_path(final)
     if lock in _held:
@@ -88,20 +89,20 @@ def acquire(final: Path) -> Path:
         return lock
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:  # a file where a parent folder should be
-        raise os_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), exc.filename or final.parent) from None
+    except FileExistsError:  # a file where a parent folder should be
+        raise os_error(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), shown) from None
     except OSError as exc:
-        raise os_error(exc, final.parent) from None
+        raise os_error(exc, shown) from None
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise os_error(exc, lock) from None
+            raise os_error(exc, shown) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"{final} is being written by {_holder(lock)}",
+            raise OutputError(f"{shown} is being written by {_holder(lock)}",
                               hint="wait for it to finish, or choose another --out") from None
         # The file we locked may have been unlinked by a holder that just released it: retry then.
         try:
