@@ -13,3 +13,12 @@ IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
 QUANT_MODES = ("dynamic", "static", "qat", "fp16", "bf16")
 INT8_MODES = ("dynamic", "static", "qat")
 QUANT_BACKENDS = ("x86", "onednn", "fbgemm", "qnnpack")
+# dlkit explain
+EXPLAIN_METHODS = ("ig", "saliency", "smoothgrad", "gradient-shap", "occlusion", "lime", "kernel-shap", "grad-cam")
+EXPLAIN_GRADIENT_METHODS = ("ig", "saliency", "smoothgrad", "gradient-shap", "grad-cam")  # need a float model
+EXPLAIN_BASELINES = ("zero", "mean", "blur", "pad")  # images: zero, mean, blur; text: pad
+EXPLAIN_METRICS = ("infidelity", "sensitivity")  # optional, through captum.metrics
+# dlkit export / dlkit predict
+EXPORT_FORMATS = ("onnx", "exported-program", "torchscript")
+PREDICT_RUNTIMES = ("torch", "onnxruntime")
+ONNX_QUANT_MODES = ("static", "dynamic")  # dlkit export --format onnx --quantize: ONNX Runtime's int8 tools

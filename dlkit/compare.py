@@ -4,6 +4,10 @@ Everything is measured in this one run by ``dlkit.profiling.measure_models``, th
 prune and quantize report too (each model run as ``dlkit evaluate`` runs it, on the same real
 samples, in alternating rounds), so the same pair gets the same speed-up in every command. Each
 number is also given as a ratio to the first artifact.
+
+An ONNX export folder (``dlkit export``, float or ``--quantize``d) is a row too: ONNX Runtime runs
+it in the same rounds, with as many threads as PyTorch gets; its accuracy comes from its own logits
+on the test split, its counts from the artifact it was exported from, its size is its file's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Row:
     latency_ms: dict[int, float]  # batch -> median milliseconds
     ratios: dict[str, float] = field(default_factory=dict)  # to the first row
     pareto: dict[str, bool] = field(default_factory=dict)  # on the accuracy/latency and accuracy/size fronts
+    runtime: str = "torch"  # onnxruntime for an ONNX export folder (dlkit export)
 
 
 @dataclass
@@ -99,8 +104,8 @@ def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = Non
     if not paths:
         raise UsageError("compare needs at least one artifact")
     dev = resolve_device(opts.device)
-    arts = [artifacts.read_artifact(p) for p in paths]
-    rows = _measure(arts, opts, dev)
+    sources = [_source(Path(p)) for p in paths]
+    rows = _measure(sources, opts, dev)
     first = rows[0]
     for row in rows:
         row.ratios = {
@@ -123,7 +128,7 @@ def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = Non
     return CompareResult(rows, tuple(opts.batches), str(dev), opts.threads or torch.get_num_threads(), failures)
 
 
-def _measure(arts, opts: CompareOptions, dev) -> list[Row]:
+def _measure(sources, opts: CompareOptions, dev) -> list[Row]:
     """Accuracy (``evaluate_artifact``) and the one measurement of every artifact, timed together
     on real test samples (each artifact's own data: the same inputs where they share a dataset)."""
     from dlkit import artifacts
@@ -133,22 +138,78 @@ def _measure(arts, opts: CompareOptions, dev) -> list[Row]:
     big = max(opts.batches)
     samples: dict[tuple, object] = {}
     subjects, evals = [], []
-    for art in arts:
+    for art, exported, _ in sources:
         model = artifacts.load_model(art)
-        evals.append(evaluate_artifact(art.path, EvaluateOptions(data_dir=opts.data_dir, device=str(dev))).result)
         key = (art.dataset, art.spec.input_shape)
         if key not in samples:
             data = artifacts.load_data(art, why="measuring latency", data_dir=opts.data_dir) if art.dataset else None
             samples[key] = example_batch(art.spec, big, data)
-        subjects.append(Subject(model, samples[key], art.precision, _codec_transform(art)))
+        if exported is None:
+            evals.append(evaluate_artifact(art.path, EvaluateOptions(data_dir=opts.data_dir, device=str(dev))).result)
+            subjects.append(Subject(model, samples[key], art.precision, _codec_transform(art)))
+            continue
+        run = _onnx_runner(exported, opts.threads or torch.get_num_threads())
+        evals.append(_evaluate_onnx(art, run, opts))
+        subjects.append(Subject(model, samples[key], "fp32", run=run, runtime="onnxruntime",
+                                stored_bytes=(exported / "model.onnx").stat().st_size))
     measured = measure_models(subjects, device=dev, batches=tuple(opts.batches), repeats=opts.rounds,
                               threads=opts.threads)
     rows = []
-    for art, ev, m in zip(arts, evals, measured):
-        step = art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"
-        rows.append(Row(str(art.path), art.model_name, art.dataset, step, ev.accuracy, ev.macro_f1,
-                        m.params, m.macs, m.size_bytes, dict(m.latency_ms)))
+    for (art, exported, step), ev, m in zip(sources, evals, measured):
+        rows.append(Row(str(exported or art.path), art.model_name, art.dataset, step,
+                        ev.accuracy, ev.macro_f1, m.params, m.macs, m.size_bytes, dict(m.latency_ms),
+                        runtime=m.runtime))
     return rows
+
+
+def _source(path: Path):
+    """(artifact, None, its last step) for an artifact; (the artifact it came from, folder, "export" or
+    "export int8-MODE") for an ONNX export folder, whose accuracy and counts need that artifact's data
+    and model (the weights must be the same)."""
+    from dlkit import artifacts
+    from dlkit.errors import ArtifactError
+    from dlkit.export import EXPORT_FILE, read_export
+
+    if not (path / EXPORT_FILE).is_file():
+        art = artifacts.read_artifact(path)
+        return art, None, art.manifest["lineage"][-1]["step"] if art.manifest.get("lineage") else "?"
+    doc = read_export(path)
+    if doc["model_format"] != "onnx":
+        raise UsageError(f"{path} is a {doc['model_format']} export; compare runs ONNX exports (with ONNX Runtime)",
+                         hint="compare the artifact, or a folder from dlkit export --format onnx")
+    source = Path(doc["source"]["artifact"])
+    try:
+        art = artifacts.read_artifact(source)
+    except ArtifactError:
+        raise ArtifactError(f"compare needs the artifact {path} was exported from ({source}), for its test data "
+                            "and counts", hint="compare the export where that artifact is at hand") from None
+    if art.manifest.get("weights", {}).get("sha256") != doc["source"].get("weights_sha256"):
+        raise ArtifactError(f"{source} no longer holds the weights {path} was exported from",
+                            hint="export the artifact again")
+    quantized = doc.get("quantization")
+    return art, path, f"export int8-{quantized['mode']}" if quantized else "export"
+
+
+def _onnx_runner(folder: Path, threads: int):
+    """numpy batch -> logits, through an ONNX Runtime session with ``threads`` threads (as PyTorch gets)."""
+    from dlkit.export import INPUT_NAME, onnx_session
+
+    session = onnx_session(folder / "model.onnx", threads)
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def _evaluate_onnx(art, run, opts: CompareOptions):
+    """The test split's metrics from the ONNX model's logits (as ``dlkit evaluate`` computes them)."""
+    import numpy as np
+
+    from dlkit import artifacts
+    from dlkit.engine.evaluate import metrics_from_logits
+
+    data = artifacts.load_data(art, why="evaluating an ONNX export", data_dir=opts.data_dir)
+    x, y = data.test
+    logits = [np.asarray(run(x[i : i + 1024].contiguous().numpy())) for i in range(0, len(x), 1024)]
+    names = list(data.spec.class_names or range(data.spec.num_classes))
+    return metrics_from_logits(torch.from_numpy(np.concatenate(logits)).float(), y, names, "test")
 
 
 def _codec_transform(art) -> dict | None:
@@ -199,9 +260,9 @@ def to_csv(result: CompareResult) -> str:
     w = csv.writer(buf)
     lat = [f"latency_b{b}_ms" for b in result.batches]
     w.writerow(["artifact", "model", "step", "accuracy", "macro_f1", "params", "macs", "size_bytes", *lat,
-                *[f"ratio_{k}" for k in result.rows[0].ratios]])
+                *[f"ratio_{k}" for k in result.rows[0].ratios], "runtime"])
     for r in result.rows:
         w.writerow([r.artifact, r.model, r.step, f"{r.accuracy:.6f}", f"{r.macro_f1:.6f}", r.params, r.macs,
                     r.size_bytes, *[f"{r.latency_ms[b]:.4f}" for b in result.batches],
-                    *[f"{v:.4f}" for v in r.ratios.values()]])
+                    *[f"{v:.4f}" for v in r.ratios.values()], r.runtime])
     return buf.getvalue()

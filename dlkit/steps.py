@@ -25,6 +25,8 @@ from typing import Any, Callable, Literal, Optional
 
 from dlkit.choices import DEVICES, IMPORTANCES, OPTIMIZERS, PRECISIONS, PROFILE_OPTIMIZERS, QUANT_BACKENDS, \
     QUANT_MODES, SCHEDULES, SPLITS
+from dlkit.choices import EXPORT_FORMATS, ONNX_QUANT_MODES, PREDICT_RUNTIMES
+from dlkit.choices import EXPLAIN_BASELINES, EXPLAIN_METHODS
 from dlkit.errors import DlkitError, UsageError
 
 
@@ -203,6 +205,21 @@ def compare_options(source: list[Path | str], *, fail_under: Optional[list[str]]
                                                      device=device)
 
 
+def explain_options(source: Path | str, *, method: Literal[EXPLAIN_METHODS] = "ig", samples: int = 8,
+                    index: Optional[str] = None, target: str = "pred",
+                    baseline: Optional[Literal[EXPLAIN_BASELINES]] = None, steps: int = 50, perturbations: int = 200,
+                    patch: Optional[int] = None, top_k: int = 5, metrics: Optional[str] = None,
+                    data_dir: Optional[Path] = None, out: Optional[Path] = None, device: Literal[DEVICES] = "auto",
+                    seed: int = 0):
+    """``dlkit explain``'s options -> (artifact, ExplainOptions), validated: bad ones fail before any loading."""
+    from dlkit.explain import ExplainOptions, parse_index, parse_metrics
+
+    return source, ExplainOptions(method=method, samples=samples, index=parse_index(index), target=target,
+                                  baseline=baseline, steps=steps, perturbations=perturbations, patch=patch,
+                                  top_k=top_k, metrics=parse_metrics(metrics), out=out, data_dir=_path_str(data_dir),
+                                  device=device, seed=seed).validate()
+
+
 # ----------------------------------------------------------------------------------------------
 # Library functions, called the same way
 
@@ -244,10 +261,57 @@ def _compare(source, opts, hooks: StepHooks):
     return compare_artifacts(source, opts)
 
 
+def _explain(source, opts, hooks: StepHooks):
+    from dlkit.explain import explain_artifact
+
+    return explain_artifact(source, opts)
+
+
 def check_floors(result) -> None:
     """Raise FloorNotMet when a compared artifact missed a ``--fail-under`` floor."""
     if result.failures:
         raise FloorNotMet(list(result.failures))
+
+
+def export_options(source: Path | str, *, format: Literal[EXPORT_FORMATS] = "onnx", opset: Optional[int] = None,
+                   quantize: Optional[Literal[ONNX_QUANT_MODES]] = None, calib_samples: int = 512,
+                   samples: int = 32, data_dir: Optional[Path] = None, out: Optional[Path] = None):
+    """``dlkit export``'s options -> (artifact, ExportOptions), validated."""
+    from dlkit.export import ExportOptions
+
+    return source, ExportOptions(format=format, opset=opset, quantize=quantize, calib_samples=calib_samples,
+                                 samples=samples, data_dir=_path_str(data_dir), out=out).validate()
+
+
+def predict_options(source: Path | str, *, inputs: list[str], top_k: int = 3, batch_size: int = 64,
+                    runtime: Optional[Literal[PREDICT_RUNTIMES]] = None, strict: bool = False):
+    """``dlkit predict``'s options -> ((target, inputs), PredictOptions), validated."""
+    from dlkit.predict import PredictOptions
+
+    if not inputs:
+        raise UsageError("no inputs to predict", hint="pass image, .npy/.npz or text files, folders, or - for stdin")
+    opts = PredictOptions(top_k=top_k, batch_size=batch_size, runtime=runtime, strict=strict).validate()
+    return (source, list(inputs)), opts
+
+
+def _export(source, opts, hooks: StepHooks):
+    from dlkit.export import export_artifact
+
+    return export_artifact(source, opts)
+
+
+def _predict(source, opts, hooks: StepHooks):
+    """``hooks.observer`` may watch predictions (on_prediction, on_failure: see dlkit.predict)."""
+    from dlkit.predict import predict_inputs
+
+    target, inputs = source
+    return predict_inputs(target, inputs, opts, observer=hooks.observer)
+
+
+def _check_inputs(result) -> None:
+    from dlkit.predict import check_failures
+
+    check_failures(result)
 
 
 STEPS: dict[str, StepSpec] = {
@@ -260,4 +324,10 @@ STEPS: dict[str, StepSpec] = {
                          input_key="artifact"),
     "compare": StepSpec(compare_options, _compare, makes_artifact=False, takes_input="many",
                         input_key="artifacts", check=check_floors),
+    # explain writes a folder that is not an artifact: to a recipe it is a step with a JSON report.
+    "explain": StepSpec(explain_options, _explain, makes_artifact=False, takes_input="one", input_key="artifact"),
+    # export writes a folder that is not an artifact: to a recipe it is a step with a JSON report.
+    "export": StepSpec(export_options, _export, makes_artifact=False, takes_input="one", input_key="artifact"),
+    "predict": StepSpec(predict_options, _predict, makes_artifact=False, takes_input="one", input_key="target",
+                        check=_check_inputs),
 }

@@ -8,6 +8,8 @@ from dlkit import __version__
 from dlkit.cli import compare, datasets, evaluate, models, prune, run, train
 from dlkit.cli import profile
 from dlkit.cli import quantize
+from dlkit.cli import explain
+from dlkit.cli import export, predict
 
 app = typer.Typer(
     name="dlkit",
@@ -43,6 +45,9 @@ app.command("profile")(profile.profile)
 app.command("prune")(prune.prune)
 app.command("quantize")(quantize.quantize)
 app.command("compare")(compare.compare)
+app.command("explain")(explain.explain)
+app.command("export")(export.export)
+app.command("predict")(predict.predict)
 app.command("run")(run.run)
 
 

@@ -13,7 +13,8 @@ from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, 
 
 @handle_errors
 def compare(
-    artifacts: Annotated[list[str], typer.Argument(help="Artifact folders; - reads one path per line from stdin.")],
+    artifacts: Annotated[list[str], typer.Argument(help="Artifact folders, or ONNX export folders (dlkit export: "
+                                                   "run by ONNX Runtime); - reads one path per line from stdin.")],
     plot: Annotated[Optional[Path], typer.Option(help="Write accuracy against latency and size (Pareto front "
                                                  "marked) as a PNG here.")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option(help="Exit non-zero when an artifact misses a floor, "
@@ -75,7 +76,8 @@ def render(result) -> None:
     for r in result.rows:
         q = r.ratios
         table.add_row(
-            ("* " if r.pareto.get("latency") else "  ") + Path(r.artifact).name, r.step,
+            ("* " if r.pareto.get("latency") else "  ") + Path(r.artifact).name,
+            r.step if r.runtime == "torch" else f"{r.step} ({r.runtime})",
             f"{100 * r.accuracy:.2f}% ({q['accuracy']:.3f}x)", f"{r.params:,} ({q['params']:.2f}x)",
             f"{r.macs / 1e6:,.2f}M ({q['macs']:.2f}x)", f"{r.size_bytes / 1e6:.2f} MB ({q['size']:.2f}x)",
             *[f"{r.latency_ms[b]:.2f} ms ({q[f'speedup_b{b}']:.2f}x faster)" for b in result.batches])

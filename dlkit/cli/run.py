@@ -9,11 +9,15 @@ from typing import Annotated, Optional
 import typer
 
 from dlkit.cli import compare, evaluate, profile, prune, quantize, train
+from dlkit.cli import explain
+from dlkit.cli import export, predict
 from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, handle_errors
 
 # how each step's result is shown on stderr: the table its own command prints
 REPORTS = {"train": train._report, "evaluate": evaluate._report, "profile": profile._report,
            "prune": prune._report, "quantize": quantize._report, "compare": compare.render}
+REPORTS["explain"] = explain._report
+REPORTS.update({"export": export._report, "predict": predict._report})
 
 
 @handle_errors

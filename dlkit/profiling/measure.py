@@ -19,6 +19,10 @@ Size has one meaning: the bytes of the weights as an artifact stores them, i.e. 
 safetensors file holding the state dict, through the artifact's weights codec when the model is
 transformed (int8 tensors, scales and zero points; fp16/bf16 halves). For an artifact this equals
 the size of its ``model.safetensors``.
+
+A subject may run in another runtime (``Subject.run``: ONNX Runtime running an ONNX export of the
+model, for ``dlkit compare``): it is timed in the same rounds on the same samples (as numpy arrays,
+on the CPU), counted on its PyTorch model, and its size is its file's bytes (``stored_bytes``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Measurement:
     device: str
     precision: str
     channels_last: bool
+    runtime: str = "torch"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +70,11 @@ class Subject:
     precision: str = "fp32"
     transform: dict | None = None  # the artifact's last transform with a weights codec (int8, fp16)
     input_shape: tuple[int, ...] | None = None  # per sample; default samples.shape[1:]
+    # Another runtime (ONNX Runtime running an export of ``model``): runs a CPU batch as a numpy
+    # array instead of ``model``, which is still what is counted; its file's bytes are its size.
+    run: Callable[[object], object] | None = None
+    runtime: str = "torch"
+    stored_bytes: int | None = None
 
 
 def example_batch(spec, batch: int, data=None) -> torch.Tensor:
@@ -113,9 +123,14 @@ def measure_models(subjects: list[Subject], *, device: torch.device | str = "cpu
     counts = []
     for s in subjects:
         s.model.eval()
-        counts.append((count_params(s.model), count_macs(s.model, s.samples[:1]).macs, weights_bytes(s.model, s.transform),
-                       count_zeros(s.model)))
-    layouts = [prepare_inference(s.model, dev, tuple(s.input_shape or s.samples.shape[1:])) for s in subjects]
+        size = weights_bytes(s.model, s.transform) if s.stored_bytes is None else s.stored_bytes
+        counts.append((count_params(s.model), count_macs(s.model, s.samples[:1]).macs, size, count_zeros(s.model)))
+    if dev.type != "cpu" and any(s.run is not None for s in subjects):
+        from dlkit.errors import UsageError
+
+        raise UsageError("ONNX Runtime is measured on the CPU only", hint="use --device cpu")
+    layouts = [False if s.run is not None  # another runtime: nothing to prepare
+               else prepare_inference(s.model, dev, tuple(s.input_shape or s.samples.shape[1:])) for s in subjects]
     runs = {b: repeats * (SMALL_FACTOR if b < SMALL_BATCH else 1) for b in batches}
     previous = torch.get_num_threads()
     if threads:
@@ -126,7 +141,7 @@ def measure_models(subjects: list[Subject], *, device: torch.device | str = "cpu
         torch.set_num_threads(previous)
     return [Measurement(params=p, macs=m, size_bytes=size, zeros=z,
                         latency_ms={b: latency[b][i] for b in batches}, repeats=dict(runs), device=str(dev),
-                        precision=s.precision, channels_last=cl)
+                        precision=s.precision, channels_last=cl, runtime=s.runtime)
             for i, (s, cl, (p, m, size, z)) in enumerate(zip(subjects, layouts, counts))]
 
 
@@ -160,6 +175,9 @@ def _call(s: Subject, channels_last: bool, dev: torch.device, batch: int) -> Cal
     """One inference forward of ``s`` on its batch, prepared once (layout, device), outside timing."""
     from dlkit.device import autocast
 
+    if s.run is not None:  # another runtime, on the CPU
+        array = repeat_to(s.samples, batch).contiguous().numpy()
+        return lambda: s.run(array)
     x = repeat_to(s.samples, batch).to(dev)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
