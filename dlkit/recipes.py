@@ -435,7 +435,7 @@ def _finished(record: dict | None, key: str, spec: StepSpec, output: Path) -> bo
     if not record or record.get("fingerprint") != key or record.get("status") != "done":
         return False
     if not spec.makes_artifact:
-        return output.is_file()
+        return _report_path(output, spec).is_file() and (not spec.writes_folder or output.is_dir())
     try:
         artifacts.read_artifact(output)
     except DlkitError:
@@ -467,6 +467,11 @@ def _write_report(output: Path, doc: dict) -> None:
     tmp.replace(output)
 
 
+def _report_path(output: Path, spec: StepSpec) -> Path:
+    """Where a step's JSON report goes: its output itself, or beside the folder it writes."""
+    return output.with_name(output.name + ".json") if spec.writes_folder else output
+
+
 HooksFactory = Callable[[Step], ContextManager[StepHooks]]
 
 
@@ -475,7 +480,7 @@ def _run_step(step: Step, source: Any, output: Path, key: str, state: _State, ho
     """Build the step's options, call its library function, keep its report and summary."""
     spec = STEPS[step.command]
     values = {k: v for k, v in step.values.items() if k != spec.input_key}
-    if spec.makes_artifact:
+    if spec.makes_artifact or spec.writes_folder:
         resumable = "resume" in spec.options()  # an interrupted train step continues where it stopped
         resume = _clear_stale(output, state.steps.get(step.id), key, resumable)
         values["out"] = output
@@ -492,7 +497,7 @@ def _run_step(step: Step, source: Any, output: Path, key: str, state: _State, ho
         raise
     doc = json.loads(json.dumps(result.to_dict(), default=str))
     if not spec.makes_artifact:
-        _write_report(output, doc)
+        _write_report(_report_path(output, spec), doc)
     if on_result:
         on_result(step, result)
     if spec.check:
@@ -541,7 +546,7 @@ def _run_steps(recipe: Recipe, folder: Path, on_step, hooks, on_result) -> RunRe
         spec = STEPS[step.command]
         source = _source(step, recipe.steps[:index], outputs)
         sources = source if isinstance(source, list) else [source] if source is not None else []
-        output = folder / (step.id if spec.makes_artifact else f"{step.id}.json")
+        output = folder / (step.id if spec.makes_artifact or spec.writes_folder else f"{step.id}.json")
         key = fingerprint(step.command, step.options, [_manifest_digest(p) for p in sources])
         if on_step:
             on_step(index, step)

@@ -58,6 +58,7 @@ class StepSpec:
     input_key: str | None = None  # the option naming the input outright: artifact, target, artifacts
     interruptible: bool = False  # Ctrl-C asks it to stop at a batch boundary and keep a checkpoint
     check: Callable[[Any], None] | None = None  # raises when the result fails the step (compare floors)
+    writes_folder: bool = False  # it also writes a folder of its own (explain, export): the runner places it
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The builder's options by name (python spelling: ``batch_size``, ``global_``)."""
@@ -324,10 +325,12 @@ STEPS: dict[str, StepSpec] = {
                          input_key="artifact"),
     "compare": StepSpec(compare_options, _compare, makes_artifact=False, takes_input="many",
                         input_key="artifacts", check=check_floors),
-    # explain writes a folder that is not an artifact: to a recipe it is a step with a JSON report.
-    "explain": StepSpec(explain_options, _explain, makes_artifact=False, takes_input="one", input_key="artifact"),
-    # export writes a folder that is not an artifact: to a recipe it is a step with a JSON report.
-    "export": StepSpec(export_options, _export, makes_artifact=False, takes_input="one", input_key="artifact"),
+    # explain and export write a folder that is not an artifact (a recipe keeps it as RUN/ID, its
+    # report beside it as RUN/ID.json); predict takes an export folder as its target.
+    "explain": StepSpec(explain_options, _explain, makes_artifact=False, takes_input="one", input_key="artifact",
+                        writes_folder=True),
+    "export": StepSpec(export_options, _export, makes_artifact=False, takes_input="one", input_key="artifact",
+                       writes_folder=True),
     "predict": StepSpec(predict_options, _predict, makes_artifact=False, takes_input="one", input_key="target",
                         check=_check_inputs),
 }

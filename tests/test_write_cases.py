@@ -219,3 +219,25 @@ def test_a_user_module_that_prints_keeps_stdout_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["params"]["total"] == 10
     assert "hello from import" in proc.stderr and "hello from init" in proc.stderr
+
+
+def test_a_recipe_places_and_replaces_the_folders_its_steps_write(tmp_path):
+    from dlkit.recipes import load_recipe, run_recipe
+
+    def recipe(method):
+        path = tmp_path / "r.yaml"
+        path.write_text("name: folders\ndefaults: {device: cpu}\nsteps:\n"
+                        "  - train: {model: mlp, dataset: digits, epochs: 1}\n"
+                        f"  - explain: {{method: {method}, samples: 2}}\n"
+                        "  - export: {format: onnx, samples: 4}\n")
+        return load_recipe(path)
+
+    run = tmp_path / "run"
+    first = run_recipe(recipe("saliency"), run)
+    assert [s.status for s in first.steps] == ["ran", "ran", "ran"]
+    assert (run / "explain").is_dir() and (run / "explain.json").is_file()
+    assert (run / "export" / "model.onnx").is_file() and (run / "export.json").is_file()
+    again = run_recipe(recipe("ig"), run)  # explain's options changed: its folder is made anew
+    assert [s.status for s in again.steps] == ["skipped", "ran", "skipped"]
+    assert json.loads((run / "explain.json").read_text())["method"] == "ig"
+    assert json.loads((run / "explain" / "explain.json").read_text())["method"] == "ig"
