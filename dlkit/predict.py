@@ -19,6 +19,8 @@ kept in ``export.json``), so one input gets the same tensor either way:
 
 An input that cannot be read or decoded is reported through ``observer.on_failure`` and skipped
 (or, with ``strict``, stops the run with a ``DataError``); the result lists the failures.
+
+``read_inputs`` is the one reader of these inputs; ``dlkit explain --input`` uses it too.
 """
 
 from __future__ import annotations
@@ -108,9 +110,13 @@ class Target:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One sample as the model takes it: (C, H, W), or (max_len,) token ids."""
-        if self.prep["modality"] == "text":
-            return (int(self.prep["tokenizer"]["max_len"]),)
-        return (int(self.prep["channels"]), int(self.prep["height"]), int(self.prep["width"]))
+        return _input_shape(self.prep)
+
+
+def _input_shape(prep: dict) -> tuple[int, ...]:
+    if prep["modality"] == "text":
+        return (int(prep["tokenizer"]["max_len"]),)
+    return (int(prep["channels"]), int(prep["height"]), int(prep["width"]))
 
 
 def load_target(path: Path | str, runtime: str | None) -> Target:
@@ -217,10 +223,10 @@ def _prepare_pixels(pixels: np.ndarray, prep: dict) -> np.ndarray:
     return normalize(x, prep["pixel_scale"], prep["mean"], prep["std"])[0].numpy()
 
 
-def _array_samples(name: str, arr: np.ndarray, target: Target) -> Iterator[tuple[str, np.ndarray]]:
+def _array_samples(name: str, arr: np.ndarray, prep: dict) -> Iterator[tuple[str, np.ndarray]]:
     """One sample or a batch of them from an array, prepared for the model."""
-    shape = target.input_shape
-    text = target.prep["modality"] == "text"
+    shape = _input_shape(prep)
+    text = prep["modality"] == "text"
     if text:
         if not np.issubdtype(arr.dtype, np.integer):
             raise _Unreadable(f"a text model takes integer token ids, not {arr.dtype} values")
@@ -237,11 +243,11 @@ def _array_samples(name: str, arr: np.ndarray, target: Target) -> Iterator[tuple
         sample_name = name if arr.ndim == sample_ndim else f"{name}[{i}]"
         if text:
             ids = sample.astype(np.int64)
-            if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(target.prep["tokenizer"]["vocab"]):
+            if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(prep["tokenizer"]["vocab"]):
                 raise _Unreadable(f"{sample_name} holds token ids outside the vocabulary")
             yield sample_name, ids
         elif sample.dtype == np.uint8:
-            yield sample_name, _prepare_pixels(sample, target.prep)
+            yield sample_name, _prepare_pixels(sample, prep)
         else:
             yield sample_name, sample.astype(np.float32)
 
@@ -264,66 +270,70 @@ def _text_lines(path: Path) -> list[str]:
         raise _Unreadable("is not UTF-8 text") from None
 
 
-def _tokenize(texts: list[str], target: Target) -> np.ndarray:
+def _tokenize(texts: list[str], prep: dict) -> np.ndarray:
     """Token ids as training made them (dlkit.data.tokenizer); a note says how many texts were cut."""
     from dlkit.data.tokenizer import Tokenizer, note_truncated
 
-    tok = target.prep["tokenizer"]
+    tok = prep["tokenizer"]
     ids, truncated = Tokenizer.from_state({"name": tok["name"], "vocab": tok["vocab"],
                                            "max_len": tok["max_len"]}).encode(texts)
     note_truncated(truncated, len(texts), tok["max_len"])
     return ids
 
 
-def _file_samples(path: Path, target: Target) -> Iterator[tuple[str, np.ndarray]]:
+def _file_samples(path: Path, prep: dict) -> Iterator[tuple[str, np.ndarray]]:
     if not path.is_file():
         raise _Unreadable("no such file" if not path.exists() else "not a file")
     suffix = path.suffix.lower()
     try:
         if suffix in ARRAY_SUFFIXES:
             for name, arr in _read_arrays(path):
-                yield from _array_samples(name, arr, target)
-        elif target.prep["modality"] == "text":
+                yield from _array_samples(name, arr, prep)
+        elif prep["modality"] == "text":
             numbered = [(i, line) for i, line in enumerate(_text_lines(path), 1) if line.strip()]
-            ids = _tokenize([line for _, line in numbered], target)
+            ids = _tokenize([line for _, line in numbered], prep)
             for (i, _), row in zip(numbered, ids):
                 yield f"{path}:{i}", row
         else:
-            yield str(path), _prepare_pixels(_read_image(path, target.prep), target.prep)
+            yield str(path), _prepare_pixels(_read_image(path, prep), prep)
     except OSError as exc:  # missing, unreadable, a folder where a file was expected
         raise _Unreadable(exc.strerror or type(exc).__name__) from None
 
 
-def _files(arg: str, target: Target) -> list[Path]:
+def _files(arg: str, prep: dict) -> list[Path]:
     """The files an INPUT names: itself, or a folder's files with a known suffix."""
     path = Path(arg)
     if not path.is_dir():
         return [path]
-    known = ARRAY_SUFFIXES + (TEXT_SUFFIXES if target.prep["modality"] == "text" else IMAGE_SUFFIXES)
+    known = ARRAY_SUFFIXES + (TEXT_SUFFIXES if prep["modality"] == "text" else IMAGE_SUFFIXES)
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in known)
 
 
 Item = tuple[str, np.ndarray | None, str | None]  # (name, prepared sample, or None and why not)
 
 
-def _items(inputs: list[str], target: Target, stdin) -> Iterator[Item]:
+def read_inputs(inputs: list[str], prep: dict, stdin=None) -> Iterator[Item]:
+    """Every sample the INPUTs hold, prepared by ``prep`` (``dlkit.export.preprocessing``) as the
+    module docstring says, in order: ``(name, sample, None)``, or ``(name, None, why)`` for an input
+    that cannot be read. Names are the file (``file:LINE`` for text lines, ``file[i]`` or
+    ``file.npz:key`` for arrays, ``stdin:LINE``). Lazy: each input is read when it is reached."""
     import sys
 
     for arg in inputs:
         if arg == "-":
             stream = stdin or sys.stdin
             numbered = [(i, ln) for i, ln in enumerate(stream.read().splitlines(), 1) if ln.strip()]
-            if target.prep["modality"] == "text":
-                for (i, _), row in zip(numbered, _tokenize([ln for _, ln in numbered], target)):
+            if prep["modality"] == "text":
+                for (i, _), row in zip(numbered, _tokenize([ln for _, ln in numbered], prep)):
                     yield f"stdin:{i}", row, None
                 continue
             names = [ln.strip() for _, ln in numbered]
         else:
             names = [arg]
         for name in names:
-            for path in _files(name, target):
+            for path in _files(name, prep):
                 try:
-                    for sample_name, sample in _file_samples(path, target):
+                    for sample_name, sample in _file_samples(path, prep):
                         yield sample_name, sample, None
                 except _Unreadable as exc:
                     yield str(path), None, str(exc)
@@ -367,7 +377,7 @@ def predict_inputs(target: Path | str, inputs: list[str], opts: PredictOptions |
         names.clear()
         batch.clear()
 
-    for name, sample, why in _items(inputs, model, stdin):
+    for name, sample, why in read_inputs(inputs, model.prep, stdin):
         if sample is None:
             if opts.strict:
                 raise DataError(f"cannot read {name}: {why}", hint="drop --strict to skip unreadable inputs")

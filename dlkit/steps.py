@@ -207,7 +207,7 @@ def compare_options(source: list[Path | str], *, fail_under: Optional[list[str]]
 
 
 def explain_options(source: Path | str, *, method: Literal[EXPLAIN_METHODS] = "ig", samples: int = 8,
-                    index: Optional[str] = None, target: str = "pred",
+                    index: Optional[str] = None, inputs: Optional[list[str]] = None, target: str = "pred",
                     baseline: Optional[Literal[EXPLAIN_BASELINES]] = None, steps: int = 50, perturbations: int = 200,
                     patch: Optional[int] = None, top_k: int = 5, metrics: Optional[str] = None,
                     data_dir: Optional[Path] = None, out: Optional[Path] = None, device: Literal[DEVICES] = "auto",
@@ -215,7 +215,8 @@ def explain_options(source: Path | str, *, method: Literal[EXPLAIN_METHODS] = "i
     """``dlkit explain``'s options -> (artifact, ExplainOptions), validated: bad ones fail before any loading."""
     from dlkit.explain import ExplainOptions, parse_index, parse_metrics
 
-    return source, ExplainOptions(method=method, samples=samples, index=parse_index(index), target=target,
+    return source, ExplainOptions(method=method, samples=samples, index=parse_index(index),
+                                  inputs=None if inputs is None else tuple(inputs), target=target,
                                   baseline=baseline, steps=steps, perturbations=perturbations, patch=patch,
                                   top_k=top_k, metrics=parse_metrics(metrics), out=out, data_dir=_path_str(data_dir),
                                   device=device, seed=seed).validate()

@@ -310,3 +310,92 @@ def test_text_takes_the_pad_baseline_and_no_grad_cam(lstm, tmp_path):
     res = explain_artifact(lstm, ExplainOptions(method="kernel-shap", samples=3, perturbations=64,
                                                 out=tmp_path / "ks", device="cpu"))
     assert len(res.samples) == 3 and res.summary()["better_than_random"] >= 2
+
+
+# ------------------------------------------------------------------------------------- --input files
+
+
+def _pixels_of(x: np.ndarray, art) -> np.ndarray:
+    """A normalised (1, H, W) test sample back to the nearest 8-bit pixels (H, W)."""
+    state = json.loads((art / "manifest.json").read_text())["data"]["state"]
+    return np.clip(np.rint((x[0] * state["std"][0] + state["mean"][0]) * 255), 0, 255).astype(np.uint8)
+
+
+def test_files_are_explained_as_the_same_test_samples(cnn, tmp_path):
+    """A float .npy holding test sample 3 gets exactly its attribution (content seeding: the same
+    noise at another position); a PNG of it, rounded to 8-bit pixels, nearly the same."""
+    from PIL import Image
+
+    opts = dict(device="cpu", perturbations=16)
+    by_index = explain_artifact(cnn, ExplainOptions(method="smoothgrad", index=(3,), out=tmp_path / "i", **opts))
+    npz = np.load(by_index.folder / "attributions.npz")
+    x = npz["inputs"][0]
+    np.save(tmp_path / "three.npy", x[0])  # (H, W): one image of one channel
+    Image.fromarray(_pixels_of(x, cnn), mode="L").save(tmp_path / "three.png")
+    files = explain_artifact(cnn, ExplainOptions(method="smoothgrad", inputs=(str(tmp_path / "three.png"),
+                                                                             str(tmp_path / "three.npy")),
+                                                 out=tmp_path / "f", **opts))
+    got = np.load(files.folder / "attributions.npz")
+    assert np.array_equal(got["attributions"][1], npz["attributions"][0])  # the .npy, at position 1
+    png, arr, test = files.samples[0], files.samples[1], by_index.samples[0]
+    assert arr.to_dict() | {"index": 3, "input": None, "true": test.true, "seconds": 0} == \
+        test.to_dict() | {"seconds": 0}
+    assert (png.index, png.input, png.true, arr.index, arr.input) == \
+        (0, str(tmp_path / "three.png"), None, 1, str(tmp_path / "three.npy"))
+    assert list(got["true"]) == [-1, -1] and list(got["input"]) == [png.input, arr.input]
+    assert files.files == sorted(["attributions.npz", "explain.json", "grid.png", "summary.png", "sample-0000.png",
+                                  "sample-0001.png"])
+    doc = json.loads((files.folder / "explain.json").read_text())
+    assert [(s["input"], s["true"]) for s in doc["samples"]] == [(png.input, None), (arr.input, None)]
+    ig_test = explain_artifact(cnn, ExplainOptions(index=(3,), out=tmp_path / "ig", device="cpu"))
+    ig_png = explain_artifact(cnn, ExplainOptions(inputs=(str(tmp_path / "three.png"),), out=tmp_path / "igp",
+                                                  device="cpu"))
+    a = np.load(ig_test.folder / "attributions.npz")["attributions"][0]
+    b = np.load(ig_png.folder / "attributions.npz")["attributions"][0]
+    assert ig_png.samples[0].prediction == ig_test.samples[0].prediction
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # digits' 17 grey levels are not 8-bit ones
+
+
+def test_cli_input_rules_and_unreadable_files(cnn, tmp_path):
+    from PIL import Image
+
+    runner = CliRunner()
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8), mode="L").save(png)
+    res = runner.invoke(app, ["explain", str(cnn), "--input", str(png), "--out", str(tmp_path / "ok"),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == f"{tmp_path / 'ok'}\n" and "digit.png" in res.stderr
+    for args, code, message in [
+            (["--input", str(png), "--target", "true"], 2, "--target true needs a true label"),
+            (["--input", str(png), "--index", "3"], 2, "--input and --index both choose the samples"),
+            (["--input", str(png), "-i", str(tmp_path / "gone.png")], 1, f"cannot read {tmp_path / 'gone.png'}: "
+                                                                         "no such file")]:
+        bad = runner.invoke(app, ["explain", str(cnn), *args, "--out", str(tmp_path / "no"), "--device", "cpu"])
+        assert bad.exit_code == code and bad.stdout == "", bad.output
+        assert message in bad.stderr and len(bad.stderr.strip().splitlines()) <= 2, bad.stderr  # error + hint
+        assert not (tmp_path / "no").exists()
+
+
+def test_text_lines_on_stdin_are_explained_as_the_same_test_samples(lstm, tmp_path):
+    vocab = json.loads((lstm / "manifest.json").read_text())["data"]["state"]["tokenizer"]["vocab"]
+    by_index = explain_artifact(lstm, ExplainOptions(method="lime", samples=6, perturbations=32,
+                                                     out=tmp_path / "t", device="cpu"))
+    ids = np.load(by_index.folder / "attributions.npz")["inputs"]
+    known = [i for i, row in enumerate(ids) if 1 not in row][:2]  # no unknown words: the text gives the same ids
+    lines = "".join(" ".join(vocab[t] for t in ids[i] if t != 0) + "\n\n" for i in known)
+    runner = CliRunner()
+    res = runner.invoke(app, ["explain", str(lstm), "--method", "lime", "--perturbations", "32", "--input", "-",
+                              "--json", "-q", "--out", str(tmp_path / "s"), "--device", "cpu"], input=lines)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [(s["input"], s["index"], s["true"]) for s in doc["samples"]] == [("stdin:1", 0, None), ("stdin:3", 1, None)]
+    got = np.load(tmp_path / "s" / "attributions.npz")
+    want = np.load(by_index.folder / "attributions.npz")
+    assert np.array_equal(got["inputs"], want["inputs"][known])
+    assert np.array_equal(got["attributions"], want["attributions"][known])
+    for s, i in zip(doc["samples"], known):
+        assert s["top_features"] == by_index.samples[i].top_features
+        assert s["random_deletion_auc"] == by_index.samples[i].random_deletion_auc
+    page = (tmp_path / "s" / "explanation.html").read_text()
+    assert "<h2>stdin:1, predicted" in page and "true" not in page.split("<section>")[1]

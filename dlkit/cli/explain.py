@@ -1,4 +1,5 @@
-"""dlkit explain ARTIFACT --method ig|saliency|smoothgrad|gradient-shap|occlusion|lime|kernel-shap|grad-cam"""
+"""dlkit explain ARTIFACT [--index I,J | --input FILE...]
+--method ig|saliency|smoothgrad|gradient-shap|occlusion|lime|kernel-shap|grad-cam"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import DEVICES, EXPLAIN_BASELINES, EXPLAIN_METHODS
-from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, escape, handle_errors
+from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, err, escape, handle_errors, show
 
 
 @handle_errors
@@ -19,9 +20,14 @@ def explain(
                                                    "copies); gradient-shap; occlusion, lime, kernel-shap: patches "
                                                    "or tokens switched to the baseline; grad-cam: the last "
                                                    "convolutional feature map (image models).")] = "ig",
-    samples: Annotated[int, typer.Option(help="Explain the first N test samples.")] = 8,
+    samples: Annotated[int, typer.Option(help="Explain the first N test samples (not with --input).")] = 8,
     index: Annotated[Optional[str], typer.Option(help="Explain these test samples instead, e.g. 3,17.")] = None,
-    target: Annotated[str, typer.Option(help="The class explained: pred, true, a class name or number.")] = "pred",
+    inputs: Annotated[Optional[list[str]], typer.Option(
+        "--input", "-i", help="Explain your own inputs instead, read as dlkit predict reads them (repeatable): "
+        "image files, .npy/.npz arrays, text files (one example per line), folders, or - for lines on stdin. "
+        "They have no true label; one that cannot be read stops the run.")] = None,
+    target: Annotated[str, typer.Option(help="The class explained: pred, true (test samples only), a class name or "
+                                     "number.")] = "pred",
     baseline: Annotated[Optional[Literal[EXPLAIN_BASELINES]], typer.Option(
         help="The reference input: zero (black), mean or blur for images; pad (padding tokens) for text "
              "[default: zero for images, pad for text].")] = None,
@@ -44,26 +50,26 @@ def explain(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Explain a model's decisions on test samples; measure how faithful the explanation is.
+    """Explain a model's decisions on test samples or your own files; measure how faithful the explanation is.
 
     Writes heatmaps (images) or a coloured HTML page (text), attributions (.npz), a per-class
     summary and explain.json into a new folder; prints its path (or the JSON with --json).
     Deletion/insertion areas are reported beside a random order's.
     """
     from dlkit.artifacts import resolve_path
+    from dlkit.errors import UsageError
     from dlkit.steps import STEPS, StepHooks
 
     step = STEPS["explain"]
-    source, opts = step.build(resolve_path(artifact), method=method, samples=samples, index=index, target=target,
+    if artifact == "-" and inputs and "-" in inputs:
+        raise UsageError("stdin can hold the artifact's path or --input lines, not both",
+                         hint="pass the artifact's path as an argument")
+    source, opts = step.build(resolve_path(artifact), method=method, samples=samples, index=index, inputs=inputs,
+                              target=target,
                               baseline=baseline, steps=steps, perturbations=perturbations, patch=patch, top_k=top_k,
                               metrics=metrics, data_dir=data_dir, out=out, device=device, seed=seed)
     res = step.run(source, opts, StepHooks())
-    if not quiet:
-        _report(res)
-    if json:
-        emit_json(res.to_dict())
-    else:
-        emit_path(res.folder)
+    show(res, _report, quiet=quiet, json=json, path=res.folder)
 
 
 def _feature(f: dict) -> str:
@@ -78,14 +84,18 @@ def _report(res) -> None:
 
     table = Table(title=f"{res.model}: {res.method}, baseline {res.baseline}, target {res.target}",
                   title_justify="left")
-    columns = ["#", "true -> predicted", *(["explained"] if res.target != "pred" else []), "top features",
+    files = any(s.input is not None for s in res.samples)
+    columns = ["input" if files else "#", "predicted" if files else "true -> predicted",
+               *(["explained"] if res.target != "pred" else []), "top features",
                "deletion (random)", "insertion (random)", *(["IG error"] if res.method == "ig" else []), *res.metrics]
     for c in columns:
-        table.add_column(c, justify="left" if c in ("true -> predicted", "explained", "top features") else "right")
+        table.add_column(c, justify="left" if c in ("input", "predicted", "true -> predicted", "explained",
+                                                    "top features") else "right")
     for s in res.samples:
         good_del = s.deletion_auc < s.random_deletion_auc
         good_ins = s.insertion_auc > s.random_insertion_auc
-        row = [str(s.index), f"{escape(s.true)} -> {escape(s.prediction)} ({s.probability:.0%})"]
+        label = escape(s.prediction) if files else f"{escape(s.true)} -> {escape(s.prediction)}"
+        row = [escape(Path(s.input).name or s.input) if files else str(s.index), f"{label} ({s.probability:.0%})"]
         if res.target != "pred":
             row.append(f"{escape(s.target)} ({s.target_probability:.0%})")
         row += [escape(" ".join(_feature(f) for f in s.top_features[:2])),

@@ -1,4 +1,6 @@
-"""``dlkit explain``: why an artifact's model decided what it did, on samples of its test split.
+"""``dlkit explain``: why an artifact's model decided what it did, on samples of its test split or
+on the user's own files (read and prepared exactly as ``dlkit predict`` reads them:
+``dlkit.predict.read_inputs``; such samples have no true label).
 
 Each chosen sample is attributed with one method (``methods``), its explanation measured
 (integrated gradients' completeness; deletion and insertion curves against random orders,
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import shutil
 import time
@@ -20,7 +23,7 @@ import torch
 
 from dlkit import artifacts, output
 from dlkit.choices import EXPLAIN_BASELINES, EXPLAIN_METHODS, EXPLAIN_METRICS, INT8_MODES
-from dlkit.errors import IncompatibleError, UsageError
+from dlkit.errors import DataError, IncompatibleError, UsageError
 from dlkit.device import check_device_name, resolve_device
 from dlkit.explain import methods, metrics, quality, render
 from dlkit.spec import IMAGE, TEXT
@@ -33,6 +36,7 @@ class ExplainOptions:
     method: str = "ig"
     samples: int = 8  # the first N test samples (when no index is given)
     index: tuple[int, ...] | None = None  # these test samples instead
+    inputs: tuple[str, ...] | None = None  # the user's files instead (dlkit.predict.read_inputs; - for stdin)
     target: str = "pred"  # pred, true, a class name or a class index
     baseline: str | None = None  # None: zero for images, pad for text
     steps: int = 50  # integrated gradients' steps
@@ -62,6 +66,14 @@ class ExplainOptions:
             raise UsageError("--index takes test sample numbers >= 0, e.g. --index 3,17")
         if not self.target:
             raise UsageError("--target is empty", hint="use pred, true, a class name or a class number")
+        if self.inputs is not None:
+            if not self.inputs:
+                raise UsageError("--input is empty", hint="pass image, .npy/.npz or text files, folders, or -")
+            if self.index is not None:
+                raise UsageError("--input and --index both choose the samples; pass one of them")
+            if self.target == "true":
+                raise UsageError("--target true needs a true label, which samples from --input files do not have",
+                                 hint="use --target pred, a class name or a class number")
         check_device_name(self.device)
         return self
 
@@ -87,8 +99,8 @@ def parse_index(text: str | None) -> tuple[int, ...] | None:
 
 @dataclass
 class SampleExplanation:
-    index: int  # in the test split
-    true: str
+    index: int  # in the test split; for --input samples, the position among them
+    true: str | None  # None for --input samples
     prediction: str
     probability: float  # of the prediction
     target: str  # the class explained
@@ -102,6 +114,7 @@ class SampleExplanation:
     seconds: float = 0.0  # the attribution alone (not the curves)
     infidelity: float | None = None  # --metrics infidelity (dlkit.explain.metrics)
     sensitivity: float | None = None  # --metrics sensitivity
+    input: str | None = None  # --input samples: the name read_inputs gives (file, file:LINE, stdin:LINE, ...)
 
     @property
     def better_than_random(self) -> bool:
@@ -167,8 +180,9 @@ def is_int8(art) -> bool:
                for t in art.manifest["model"].get("transforms", []))
 
 
-def explain_artifact(path: Path | str, opts: ExplainOptions) -> ExplainResult:
-    """Explain the decisions of an artifact's model on test samples; write the folder."""
+def explain_artifact(path: Path | str, opts: ExplainOptions, *, stdin=None) -> ExplainResult:
+    """Explain the decisions of an artifact's model on test samples (or on ``opts.inputs``, with
+    ``stdin`` for ``-``, by default ``sys.stdin``); write the folder."""
     started = time.perf_counter()
     opts.validate()
     methods.captum_attr()  # missing Captum: say so before any loading
@@ -181,34 +195,34 @@ def explain_artifact(path: Path | str, opts: ExplainOptions) -> ExplainResult:
     final = Path(opts.out) if opts.out else default_out(art.path, opts.method)
     with output.Destination(final):
         output.check_free(final)
-        return _explain(art, final, baseline, opts, started)
+        return _explain(art, final, baseline, opts, started, stdin)
 
 
-def _explain(art, final: Path, baseline_kind: str, opts: ExplainOptions, started: float) -> ExplainResult:
+def _explain(art, final: Path, baseline_kind: str, opts: ExplainOptions, started: float, stdin) -> ExplainResult:
     int8 = is_int8(art)
     model = artifacts.load_model(art)
     subject = methods.Subject.of(model, art.spec, int8=int8)
     subject.check(opts.method, f"'{art.model_name}' ({art.path})")
-    data = artifacts.load_data(art, why="explaining its decisions", data_dir=opts.data_dir)
     device = resolve_device(opts.device)
     if int8 and device.type != "cpu":
         raise IncompatibleError(f"{art.path} holds int8 kernels, which run on the CPU only", hint="use --device cpu")
+    notes = []
+    if opts.inputs is not None:  # no dataset needed: the manifest's data state prepares the files
+        chosen, state = _file_samples(art, opts.inputs, stdin), art.manifest["data"].get("state") or {}
+    else:
+        data = artifacts.load_data(art, why="explaining its decisions", data_dir=opts.data_dir)
+        chosen, state = _test_samples(data.test, opts, notes), data.state or {}
     model.to(device)
-    x_test, y_test = data.test
-    chosen = _indices(opts, len(y_test))
     names = [str(c) for c in (art.spec.class_names or range(art.spec.num_classes))]
     patch = (opts.patch or methods.default_patch(art.spec.input_shape)) if art.spec.modality == IMAGE else None
-    state = data.state or {}
     context = _int8_context(art) if int8 else contextlib.nullcontext()
     records, samples = [], []
     with context:
-        for i in chosen:
-            record = _one(subject, x_test[i].to(device), int(y_test[i]), i, names, baseline_kind, patch, state, opts)
+        for index, x, y, name in chosen:
+            record = _one(subject, x.to(device), y, index, name, names, baseline_kind, patch, state, opts)
             records.append(record)
             samples.append(record["explanation"])
-    notes = _notes(art, opts, samples, int8)
-    if opts.index is None and opts.samples > len(y_test):
-        notes.insert(0, f"the test split has {len(y_test)} samples, fewer than the {opts.samples} asked for")
+    notes += _notes(art, opts, samples, int8)
     result = ExplainResult(final, art.path, art.model_name, art.spec.modality, opts.method, baseline_kind,
                            opts.target, opts.steps, opts.perturbations, patch, opts.metrics, int8, str(device),
                            opts.seed, 0.0,
@@ -233,23 +247,52 @@ def _int8_context(art):
     return quiet_ao(transform.get("backend") or "x86")
 
 
-def _indices(opts: ExplainOptions, n: int) -> list[int]:
+Chosen = list[tuple[int, torch.Tensor, int | None, str | None]]  # (index, input, true class, input name)
+
+
+def _test_samples(test, opts: ExplainOptions, notes: list[str]) -> Chosen:
+    x_test, y_test = test
+    n = len(y_test)
     if n == 0:
         raise UsageError("the artifact's test split is empty: there is nothing to explain")
     if opts.index is None:
-        return list(range(min(opts.samples, n)))
-    past = [i for i in opts.index if i >= n]
-    if past:
-        raise UsageError(f"--index {past[0]} is past the end of the test split ({n} samples)",
-                         hint=f"use numbers from 0 to {n - 1}")
-    return list(opts.index)
+        if opts.samples > n:
+            notes.append(f"the test split has {n} samples, fewer than the {opts.samples} asked for")
+        chosen = list(range(min(opts.samples, n)))
+    else:
+        past = [i for i in opts.index if i >= n]
+        if past:
+            raise UsageError(f"--index {past[0]} is past the end of the test split ({n} samples)",
+                             hint=f"use numbers from 0 to {n - 1}")
+        chosen = list(opts.index)
+    return [(i, x_test[i], int(y_test[i]), None) for i in chosen]
 
 
-def resolve_target(rule: str, prediction: int, true: int, names: list[str]) -> int:
+def _file_samples(art, inputs: tuple[str, ...], stdin) -> Chosen:
+    """Every sample the inputs hold, as ``dlkit predict`` reads them. An input that cannot be read
+    stops the run (nothing is explained): an explanation of the others would hide the gap."""
+    from dlkit.export import preprocessing
+    from dlkit.predict import read_inputs
+
+    chosen = []
+    for name, sample, why in read_inputs(list(inputs), preprocessing(art), stdin):
+        if sample is None:
+            raise DataError(f"cannot read {name}: {why}", hint="fix or drop that --input")
+        chosen.append((len(chosen), torch.from_numpy(sample), None, name))
+    if not chosen:
+        raise UsageError("the --input files hold no samples to explain",
+                         hint="pass image, .npy/.npz or text files (one example per line), folders, or -")
+    return chosen
+
+
+def resolve_target(rule: str, prediction: int, true: int | None, names: list[str]) -> int:
     """The class to explain: the prediction, the true label, or a class given by name or number."""
     if rule == "pred":
         return prediction
     if rule == "true":
+        if true is None:
+            raise UsageError("--target true needs a true label, which samples from --input files do not have",
+                             hint="use --target pred, a class name or a class number")
         return true
     if rule in names:
         return names.index(rule)
@@ -260,8 +303,17 @@ def resolve_target(rule: str, prediction: int, true: int, names: list[str]) -> i
                      hint=f"classes: {shown} (or 0 to {len(names) - 1})")
 
 
-def _one(subject, x, y: int, index: int, names: list[str], baseline_kind: str, patch: int | None, state: dict,
-         opts: ExplainOptions) -> dict:
+def sample_seed(seed: int, x: torch.Tensor) -> int:
+    """The random stream of one sample, from ``--seed`` and the sample's content: a sample gets the
+    same draws (noise, LIME samples, random orders) whatever else is explained with it and however
+    it came (a test index or a file holding the same values)."""
+    canonical = x.detach().cpu().to(torch.float32 if x.is_floating_point() else torch.int64).contiguous()
+    digest = hashlib.sha256(canonical.numpy().tobytes()).digest()
+    return (seed * 1_000_003 + int.from_bytes(digest[:6], "little")) % 2**63
+
+
+def _one(subject, x, y: int | None, index: int, name: str | None, names: list[str], baseline_kind: str,
+         patch: int | None, state: dict, opts: ExplainOptions) -> dict:
     """Attribute and measure one sample; returns what rendering needs, with its SampleExplanation."""
     probs = torch.softmax(methods.logits(subject, x[None])[0], dim=-1)
     pred = int(probs.argmax())
@@ -270,7 +322,7 @@ def _one(subject, x, y: int, index: int, names: list[str], baseline_kind: str, p
         baseline = methods.image_baseline(baseline_kind, x, state.get("mean"), state.get("std"))
     else:
         baseline = torch.zeros_like(x)
-    seed = opts.seed * 1_000_003 + index  # each sample its own stream: the same whatever else is chosen
+    seed = sample_seed(opts.seed, x)
     started = time.perf_counter()
     attribution = methods.attribute(subject, x, target, opts.method, baseline, steps=opts.steps,
                                     perturbations=opts.perturbations, patch=patch or 1, seed=seed)
@@ -286,11 +338,11 @@ def _one(subject, x, y: int, index: int, names: list[str], baseline_kind: str, p
                                                       perturbations=opts.perturbations, patch=patch or 1, seed=seed)
     per_feature = quality.feature_scores(attribution.scores, u)
     explanation = SampleExplanation(
-        index=index, true=names[y], prediction=names[pred], probability=float(probs[pred]), target=names[target],
-        target_probability=float(probs[target]),
+        index=index, true=None if y is None else names[y], prediction=names[pred], probability=float(probs[pred]),
+        target=names[target], target_probability=float(probs[target]),
         top_features=_top(per_feature, x, u, subject.modality, patch, state, opts.top_k),
         completeness=attribution.completeness.to_dict() if attribution.completeness else None, seconds=seconds,
-        **curves.aucs(), **measured)
+        **curves.aucs(), **measured, input=name)
     return {"x": x.cpu(), "scores": attribution.scores.cpu(), "target": target, "pred": pred, "y": y,
             "units": u.cpu(), "curves": curves, "explanation": explanation}
 

@@ -5,8 +5,9 @@ Images: ``sample-INDEX.png`` (the input beside its signed heatmap, with the labe
 attribution map).
 Text: ``explanation.html`` (one self-contained page, every token coloured by its attribution,
 HTML-escaped) and ``summary.csv`` (per target class, the most influential words with counts).
-Both: ``attributions.npz`` (inputs, attributions, feature ids, classes, curves) and
-``explain.json`` (the result, as ``--json`` prints it).
+Both: ``attributions.npz`` (inputs, attributions, feature ids, classes, curves; ``true`` is -1 and
+``input`` the file's name for samples from ``--input`` files) and ``explain.json`` (the result, as
+``--json`` prints it). Samples from files are shown by their name and with no true label.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ def _npz(path: Path, records: list[dict]) -> None:
         "attributions": torch.stack([r["scores"] for r in records]).float().numpy(),
         "features": torch.stack([r["units"] for r in records]).numpy(),
         "target": np.array([r["target"] for r in records]), "prediction": np.array([r["pred"] for r in records]),
-        "true": np.array([r["y"] for r in records]),
+        "true": np.array([-1 if r["y"] is None else r["y"] for r in records]),
+        "input": np.array([r["explanation"].input or "" for r in records]),
         "deletion": _ragged([r["curves"].deletion for r in records]),
         "insertion": _ragged([r["curves"].insertion for r in records]),
         "random_deletion": _ragged([r["curves"].random_deletion for r in records]),
@@ -102,9 +104,16 @@ def _show(ax, r: dict, state: dict, with_heat: bool) -> None:
     ax.set_yticks([])
 
 
+def who(e) -> str:
+    """How a sample is named: ``#INDEX true LABEL`` (test split), or its file's name (--input)."""
+    if e.input is None:
+        return f"#{e.index} true {e.true}"
+    return PurePath(e.input).name or e.input  # the file, not its folders: PNG titles are short
+
+
 def _title(r: dict) -> str:
     e = r["explanation"]
-    return (f"#{e.index} true {e.true}, predicted {e.prediction} ({e.probability:.0%})\n"
+    return (f"{who(e)}, predicted {e.prediction} ({e.probability:.0%})\n"
             f"explaining {e.target}: deletion AUC {e.deletion_auc:.2f} (random {e.random_deletion_auc:.2f})")
 
 
@@ -136,7 +145,7 @@ def _images(work: Path, result, records: list[dict], names: list[str], state: di
         _show(ax, r, state, with_heat=True)
         ax.axis("on")
         e = r["explanation"]
-        ax.set_title(f"#{e.index} {e.true} -> {e.prediction} ({e.probability:.0%})", fontsize=7)
+        ax.set_title(f"{who(e)} -> {e.prediction} ({e.probability:.0%})", fontsize=7)
     more = f" (the first {len(shown)} of {len(records)})" if len(shown) < len(records) else ""
     fig.suptitle(f"{result.model}: {result.method}, baseline {result.baseline}{more}", fontsize=9)
     fig.savefig(work / "grid.png", format="png", dpi=100, bbox_inches="tight")
@@ -191,8 +200,9 @@ def _text(work: Path, result, records: list[dict], names: list[str], state: dict
     parts = []
     for r in records:
         x = r["explanation"]
+        head = f"#{x.index}: true {e(x.true)}" if x.input is None else e(x.input)
         parts.append(
-            f'<section><h2>#{x.index}: true {e(x.true)}, predicted {e(x.prediction)} ({x.probability:.1%}); '
+            f'<section><h2>{head}, predicted {e(x.prediction)} ({x.probability:.1%}); '
             f'explaining {e(x.target)} ({x.target_probability:.1%})</h2>\n'
             f'<p class="text">{token_html(r["x"], r["scores"], vocab)}</p>\n'
             f'<p class="q">deletion AUC {x.deletion_auc:.3f} (random {x.random_deletion_auc:.3f}), '
