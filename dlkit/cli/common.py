@@ -90,6 +90,17 @@ def emit_path(path: Any) -> None:
     sys.stdout.flush()
 
 
+def show(result: Any, report: Callable[[Any], None], *, quiet: bool, json: bool, path: Any = None) -> None:
+    """Render a command's result: its table on stderr (unless --quiet), then on stdout one JSON
+    document (--json) or the path it wrote (if any)."""
+    if not quiet:
+        report(result)
+    if json:
+        emit_json(result.to_dict())
+    elif path is not None:
+        emit_path(path)
+
+
 def fmt_int(n: float | int) -> str:
     return f"{int(n):,}"
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import SPLITS
-from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, fmt_pct, handle_errors
+from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, err, fmt_pct, handle_errors, show
 
 
 @handle_errors
@@ -44,10 +44,7 @@ def evaluate(
         res = step.run(source, opts, StepHooks(download_progress=downloads))
     finally:
         downloads.close()
-    if not quiet:
-        _report(res)
-    if json:
-        emit_json(res.to_dict())
+    show(res, _report, quiet=quiet, json=json)
 
 
 def _report(res) -> None:

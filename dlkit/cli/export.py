@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import EXPORT_FORMATS, ONNX_QUANT_MODES
-from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, fmt_int, handle_errors
+from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, err, fmt_int, handle_errors, show
 
 
 @handle_errors
@@ -42,12 +42,7 @@ def export(
     source, opts = step.build(resolve_path(artifact), format=format, opset=opset, quantize=quantize,
                               calib_samples=calib_samples, samples=samples, data_dir=data_dir, out=out)
     res = step.run(source, opts, StepHooks())
-    if not quiet:
-        _report(res)
-    if json:
-        emit_json(res.to_dict())
-    else:
-        emit_path(res.path)
+    show(res, _report, quiet=quiet, json=json, path=res.path)
 
 
 def _report(res) -> None:

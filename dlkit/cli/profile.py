@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import PRECISIONS, PROFILE_OPTIMIZERS
-from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, emit_json, err, fmt_int, handle_errors
+from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, err, fmt_int, handle_errors, show
 
 INPUT = "Input"
 
@@ -74,10 +74,7 @@ def profile(
                               optimizer=optimizer, precision=precision, latency=latency, measure=measure,
                               device=device)
     res = step.run(target, opts, StepHooks())
-    if not quiet:
-        _report(res)
-    if json:
-        emit_json(res.to_dict())
+    show(res, _report, quiet=quiet, json=json)
 
 
 def _report(res) -> None:

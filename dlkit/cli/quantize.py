@@ -8,8 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dlkit.choices import QUANT_BACKENDS, QUANT_MODES
-from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, fmt_int, fmt_pct, \
-    handle_errors
+from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, SeedOpt, err, fmt_int, fmt_pct, handle_errors, show
 
 
 @handle_errors
@@ -47,12 +46,7 @@ def quantize(
                               backend=backend, data_dir=data_dir, repeats=repeats, eval_samples=eval_samples,
                               out=out, seed=seed)
     res = step.run(source, opts, StepHooks())
-    if not quiet:
-        _report(res)
-    if json:
-        emit_json(res.to_dict())
-    else:
-        emit_path(res.artifact)
+    show(res, _report, quiet=quiet, json=json, path=res.artifact)
 
 
 def _report(res) -> None:
