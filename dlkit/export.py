@@ -504,6 +504,22 @@ def _is_int8(art: artifacts.Artifact) -> bool:
                for t in art.manifest["model"].get("transforms", []))
 
 
+def export_onnx_checked(model, example, file: Path, *, text: bool = False, name: str = "model") -> dict:
+    """Write the float CPU ``model`` to the ONNX ``file`` and check it against PyTorch on ``example``
+    (a batch of inputs; at batch 1, 7 and all of it) within the float tolerance, as
+    :func:`export_artifact` does; returns the check (its ``notes``: how it was exported). For a
+    model without an artifact (``dlkit profile`` of a registry model): no data, no ``export.json``."""
+    require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")
+    require("onnxruntime", "checking an ONNX export")
+    notes: list[str] = []
+    model = model.eval()
+    _, dynamic = _onnx(model, example[:7], file, text, None, notes, (name, False))
+    check = _check(model, _runner("onnx", file), example, "random inputs", FLOAT_TOLERANCE, seq=1 in dynamic)
+    check["notes"] = notes
+    return check
+
+
 def _samples(art: artifacts.Artifact, opts: ExportOptions):
     """(check samples, their split, calibration samples): the first ``opts.samples`` of the test split
     (else validation, else training); ``opts.calib_samples`` training samples drawn with seed 0."""

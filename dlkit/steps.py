@@ -146,7 +146,8 @@ def profile_options(source: Optional[str], *, dataset: Optional[str] = None, inp
                     set_: Optional[list[str]] = None, depth: int = 2, training: bool = False,
                     optimizer: Literal[PROFILE_OPTIMIZERS] = "adamw",
                     precision: Optional[Literal[PRECISIONS]] = None, latency: bool = True,
-                    measure: Optional[bool] = None, device: Literal[DEVICES] = "auto"):
+                    measure: Optional[bool] = None, device: Literal[DEVICES] = "auto",
+                    runtime: Literal[PREDICT_RUNTIMES] = "torch"):
     """``dlkit profile``'s options -> (target, ProfileOptions); ``preset`` is another way to name the target."""
     from dlkit.config import parse_assignments
     from dlkit.profiling import ProfileOptions
@@ -159,7 +160,7 @@ def profile_options(source: Optional[str], *, dataset: Optional[str] = None, inp
     return target, ProfileOptions(dataset=dataset, input_shape=input_shape, seq_len=seq_len, batch_size=batch_size,
                                   depth=depth, training=training, optimizer=optimizer, precision=precision,
                                   latency=latency, measure=measure, device=device,
-                                  overrides=parse_assignments(set_) or None)
+                                  overrides=parse_assignments(set_) or None, runtime=runtime)
 
 
 def prune_options(source: Path | str, *, ratio: Optional[float] = None, target_macs: Optional[float] = None,
@@ -183,13 +184,14 @@ def prune_options(source: Path | str, *, ratio: Optional[float] = None, target_m
 def quantize_options(source: Path | str, *, mode: Literal[QUANT_MODES] = "dynamic", calib_batches: int = 8,
                      epochs: int = 1, lr: Optional[float] = None, backend: Literal[QUANT_BACKENDS] = "x86",
                      data_dir: Optional[Path] = None, repeats: int = 10, eval_samples: Optional[int] = None,
-                     out: Optional[Path] = None, seed: int = 0):
-    """``dlkit quantize``'s options -> (artifact, QuantizeOptions)."""
+                     out: Optional[Path] = None, seed: int = 0, onnxruntime: bool = True):
+    """``dlkit quantize``'s options -> (artifact, QuantizeOptions); ONNX Runtime int8 is timed for the
+    recommendation unless ``onnxruntime`` is off (the library's own default is off: quick calls)."""
     from dlkit.compress.quantize import QuantizeOptions
 
     return source, QuantizeOptions(mode=mode, backend=backend, calib_batches=calib_batches, epochs=epochs, lr=lr,
                                    out=out, data_dir=_path_str(data_dir), repeats=repeats,
-                                   eval_samples=eval_samples, seed=seed)
+                                   eval_samples=eval_samples, seed=seed, onnxruntime=onnxruntime)
 
 
 def compare_options(source: list[Path | str], *, fail_under: Optional[list[str]] = None, batch_size: int = 256,

@@ -162,3 +162,54 @@ def test_profile_does_not_import_the_compiler_stack():
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["memory"]["measured"]["inference_peak"] > 0
     assert res.stderr.strip().endswith("clean")
+
+
+def _digits_artifact(path):
+    """An untrained mlp artifact on digits, with the data state an export describes."""
+    from dlkit.config import to_dict
+    from dlkit.data import load_dataset
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model, cfg = create_model("mlp", data.spec)
+    manifest = artifacts.new_manifest(model_name="mlp", family="mlp", config=to_dict(cfg), spec=data.spec,
+                                      dataset=data.name, data_state=data.state, seed=0)
+    return artifacts.write_artifact(path, model.eval(), manifest)
+
+
+def test_onnxruntime_latency_of_an_artifact(tmp_path):
+    pytest.importorskip("onnxruntime")
+    art = _digits_artifact(tmp_path / "art")
+    ort = profile_json(art, "--batch-size", "4", "--runtime", "onnxruntime")
+    pt = profile_json(art, "--batch-size", "4")
+    assert [lat["batch"] for lat in ort["latency"]] == [1, 4]
+    for lat in ort["latency"]:
+        assert lat["runtime"] == "onnxruntime" and lat["device"] == "cpu" and lat["median_ms"] > 0
+        assert lat["runs"] >= 10 and lat["median_ms"] <= lat["p90_ms"]
+    assert all(lat["runtime"] == "torch" for lat in pt["latency"])
+    for key in ("params", "forward", "by_op", "macs", "flops"):
+        assert ort[key] == pt[key]
+    assert any("ONNX Runtime" in n and "counts and memory are PyTorch's" in n for n in ort["notes"])
+    assert not list(tmp_path.glob("art-*"))  # the export went to a temporary folder
+
+
+def test_onnxruntime_runtime_errors_are_one_line(tmp_path):
+    res = run("profile", "mlp", "--runtime", "onnxruntime", "--device", "cuda")
+    assert res.exit_code != 0 and "--device cuda" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    (tmp_path / "net.py").write_text(USER)
+    res = run("profile", f"{tmp_path / 'net.py'}:Net", "--input-shape", "1,3,8,8", "--runtime", "onnxruntime")
+    assert res.exit_code != 0 and "registry model or an artifact" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_onnxruntime_latency_of_a_registry_model_and_a_failed_check(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    doc = profile_json("mlp", "--batch-size", "2", "--runtime", "onnxruntime", "--depth", "0")
+    assert [(lat["batch"], lat["runtime"]) for lat in doc["latency"]] == [(1, "onnxruntime"), (2, "onnxruntime")]
+    assert any("8 random inputs" in n for n in doc["notes"])
+    from dlkit import export
+
+    monkeypatch.setattr(export, "FLOAT_TOLERANCE", -1.0)  # any difference, even 0, is beyond it
+    res = run("profile", "mlp", "--runtime", "onnxruntime", "--depth", "0")
+    assert res.exit_code != 0 and "differs from PyTorch" in res.stderr and "--runtime torch" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -199,12 +199,17 @@ def test_cli_json_table_and_errors(trained, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
     r = runner.invoke(app, ["quantize", str(trained["mlp"]), "--mode", "dynamic", "--repeats", "1",
-                            "--out", str(out), "--json"])
+                            "--out", str(out), "--json", "--no-onnxruntime"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["artifact"] == str(out) and doc["mode"] == "dynamic" and doc["verified"] is True
     assert set(doc["before"]["latency_ms"]) == {"1", "256"} and doc["ratios"]["size"] > 2.5
     assert "size on disk" in r.stderr and "latency batch 256" in r.stderr
+    # ONNX Runtime skipped: said so, and the recommendation weighs the PyTorch int8 model alone
+    assert doc["onnxruntime"] is None and any("--no-onnxruntime" in n for n in doc["notes"])
+    rec = doc["recommendation"]
+    assert set(rec) >= {"path", "runtime", "speedup", "command", "reason"} and rec["runtime"] == "torch"
+    assert "recommended:" in r.stderr
     r = runner.invoke(app, ["quantize", "-", "--mode", "fp16", "--repeats", "1"], input=f"{trained['cnn']}\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == f"{trained['cnn']}-fp16"
@@ -225,3 +230,50 @@ def test_a_pruned_artifact_quantizes(trained, tmp_path):
     assert res.verified
     model = artifacts.load_model(artifacts.read_artifact(res.artifact))
     assert model.features[0].out_channels == 4
+
+
+def test_recommendation_is_the_fastest_path_measured_in_this_run(trained, tmp_path):
+    """Dynamic int8 of the mlp beside ONNX Runtime's int8 of the same artifact, timed in the same
+    rounds: the recommendation is one of those measured, with the speed-up measured here."""
+    res = _quantize(trained["mlp"], "dynamic", tmp_path, onnxruntime=True, batches=(1, 64))
+    ort, rec = res.onnxruntime, res.recommendation
+    assert ort is not None and ort.runtime == "onnxruntime" and set(ort.latency_ms) == {1, 64}
+    assert ort.size_bytes > 0 and abs(ort.accuracy - res.before.accuracy) < 0.05  # it runs the same model
+    measured = {"torch": res.after.latency_ms[64], "onnxruntime": ort.latency_ms[64]}
+    fp32 = res.before.latency_ms[64]
+    best = min(measured, key=measured.get)
+    if fp32 / measured[best] >= q.MIN_SPEEDUP:
+        assert rec.runtime == best and rec.speedup == pytest.approx(fp32 / measured[best], rel=1e-9)
+        assert rec.path != q.KEEP_FP32 and rec.batch == 64
+        if best == "onnxruntime":
+            assert rec.command == f"dlkit export {trained['mlp']} --quantize dynamic"
+    else:  # nothing measured faster here: never recommend a slower path
+        assert rec.path == q.KEEP_FP32 and rec.speedup == 1.0
+    assert res.to_dict()["recommendation"]["runtime"] == rec.runtime
+
+
+def test_recommend_never_names_a_path_that_measured_slower():
+    fp32 = {1: 1.0, 256: 10.0}
+    torch_int8 = q.Candidate("this artifact (PyTorch int8)", "torch", {1: 0.5, 256: 12.0})
+    ort_int8 = q.Candidate("ONNX Runtime int8 (dynamic)", "onnxruntime", {1: 0.4, 256: 9.9}, "dlkit export a")
+    rec = q.recommend(fp32, [torch_int8, ort_int8])  # faster at batch 1 only, 1% at 256: noise
+    assert rec.path == q.KEEP_FP32 and rec.speedup == 1.0 and rec.command is None and "batch 256" in rec.reason
+    ort_int8.latency_ms[256] = 4.0
+    rec = q.recommend(fp32, [torch_int8, ort_int8])
+    assert (rec.runtime, rec.speedup, rec.command) == ("onnxruntime", 2.5, "dlkit export a")
+    rec = q.recommend({1: 1.0, 16: 10.0}, [q.Candidate("x", "torch", {1: 0.1, 16: 1.0})])
+    assert rec.path == q.KEEP_FP32 and "batch >= 64" in rec.reason  # small batches decide nothing
+    assert q.recommend(fp32, []).path == q.KEEP_FP32
+
+
+def test_a_family_onnx_cannot_take_is_skipped_with_a_note(tmp_path):
+    """Text RNNs do not export to ONNX: quantize still succeeds, says why ONNX Runtime was not
+    measured, and recommends from the PyTorch int8 model alone."""
+    from tests.test_export import make_artifact, write_table
+
+    src = make_artifact(tmp_path / "gru", "gru", {"hidden": 8, "embed_dim": 8},
+                        text_file=write_table(tmp_path / "reviews.csv"))
+    res = _quantize(src, "dynamic", tmp_path, onnxruntime=True, batches=(1, 64))
+    assert res.verified and res.onnxruntime is None
+    assert any(n.startswith("ONNX Runtime int8 not measured") and "onnx" in n for n in res.notes)
+    assert res.recommendation.runtime == "torch"

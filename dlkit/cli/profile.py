@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dlkit.choices import PRECISIONS, PROFILE_OPTIMIZERS
+from dlkit.choices import PRECISIONS, PREDICT_RUNTIMES, PROFILE_OPTIMIZERS
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, err, fmt_int, handle_errors, show
 
 INPUT = "Input"
@@ -58,6 +58,9 @@ def profile(
                                                     "measured memory and latency [default: when a run costs "
                                                     "under ~30 GFLOPs].")] = None,
     device: DeviceOpt = "auto",
+    runtime: Annotated[Literal[PREDICT_RUNTIMES], typer.Option(
+        help="What runs the timed passes: torch, or onnxruntime (the model exported to ONNX, checked against "
+             "PyTorch, on the CPU; registry models and artifacts). Counts and memory are PyTorch's.")] = "torch",
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -72,7 +75,7 @@ def profile(
     target, opts = step.build(target, dataset=dataset, input_shape=input_shape, seq_len=seq_len,
                               batch_size=batch_size, preset=preset, set_=set_, depth=depth, training=training,
                               optimizer=optimizer, precision=precision, latency=latency, measure=measure,
-                              device=device)
+                              device=device, runtime=runtime)
     res = step.run(target, opts, StepHooks())
     show(res, _report, quiet=quiet, json=json)
 
@@ -138,7 +141,7 @@ def _report(res) -> None:
         err.print(f"[dim]measured with {res.memory['measured_with']}[/]")
 
     if res.latency:
-        lt = Table(title=f"latency ({res.latency[0].device}, {res.latency[0].threads} threads, "
+        lt = Table(title=f"latency ({res.latency[0].runtime}, {res.latency[0].device}, {res.latency[0].threads} threads, "
                          f"{res.latency[0].precision})", title_justify="left")
         for col in ("batch", "median ms", "p90 ms", "samples/s", "runs"):
             lt.add_column(col, justify="right")

@@ -29,6 +29,9 @@ def quantize(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create "
                                                 "[default: ARTIFACT-int8-MODE or ARTIFACT-fp16/bf16].")] = None,
     seed: SeedOpt = 0,
+    onnxruntime: Annotated[bool, typer.Option(help="int8: also time ONNX Runtime int8 of the artifact (an ONNX "
+                                              "export, a few seconds) for the recommendation; skipped with a "
+                                              "note when onnxruntime is not installed.")] = True,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -44,13 +47,21 @@ def quantize(
     step = STEPS["quantize"]
     source, opts = step.build(resolve_path(artifact), mode=mode, calib_batches=calib_batches, epochs=epochs, lr=lr,
                               backend=backend, data_dir=data_dir, repeats=repeats, eval_samples=eval_samples,
-                              out=out, seed=seed)
+                              out=out, seed=seed, onnxruntime=onnxruntime)
     res = step.run(source, opts, StepHooks())
     show(res, _report, quiet=quiet, json=json, path=res.artifact)
 
 
+def _latency(before_ms: float, after_ms: float) -> tuple[str, str, str, str]:
+    speed = before_ms / after_ms
+    return (f"{before_ms:.3f}", f"{after_ms:.3f}", f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower",
+            "" if speed >= 1 else "[yellow]slower[/]")
+
+
 def _report(res) -> None:
     from rich.table import Table
+
+    from dlkit.compress.quantize import KEEP_FP32
 
     b, a, r = res.before, res.after, res.ratios()
     table = Table(title=f"{res.model}: {res.mode}" + (f" ({res.backend})" if res.backend else "")
@@ -61,15 +72,24 @@ def _report(res) -> None:
     table.add_row(f"quantized layers ({len(res.quantized_layers)})", fmt_int(b.layer_bytes), fmt_int(a.layer_bytes),
                   f"{r['layers']:.2f}x smaller", "")
     for n in b.latency_ms:
-        speed = r[f"speedup_batch{n}"]
-        table.add_row(f"latency batch {n} (ms, median)", f"{b.latency_ms[n]:.3f}", f"{a.latency_ms[n]:.3f}",
-                      f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower",
-                      "" if speed >= 1 else "[yellow]slower[/]")
+        table.add_row(f"latency batch {n} (ms, median)", *_latency(b.latency_ms[n], a.latency_ms[n]))
     table.add_row(f"test accuracy ({res.test_samples:,} samples)", fmt_pct(b.accuracy), fmt_pct(a.accuracy),
                   f"{r['accuracy_change_points']:+.2f} points", "")
+    if res.onnxruntime is not None:
+        o = res.onnxruntime
+        for n in b.latency_ms:
+            table.add_row(f"ONNX Runtime int8, batch {n} (ms)", *_latency(b.latency_ms[n], o.latency_ms[n]))
+        table.add_row("ONNX Runtime int8, test accuracy", fmt_pct(b.accuracy), fmt_pct(o.accuracy),
+                      f"{100 * (o.accuracy - b.accuracy):+.2f} points", "")
     err.print(table)
     for note in res.notes:
         err.print(f"[yellow]note:[/] {note}")
+    rec = res.recommendation
+    if rec is not None:
+        head = (f"[bold]recommended:[/] {rec.path}" + (f", {rec.speedup:.2f}x faster than fp32 at batch {rec.batch}"
+                                                      if rec.path != KEEP_FP32 else ""))
+        err.print(head + (f": [cyan]{rec.command}[/]" if rec.command else ""))
+        err.print(f"[dim]  {rec.reason}[/]")
     if not res.verified:
         err.print("[red]warning:[/] the saved artifact did not reproduce the measured outputs")
     err.print(f"[dim]timings on this machine as it is now (shared CPUs: absolute numbers are noisy, "

@@ -28,6 +28,14 @@ weights, scales, zero points, per-channel axes; ``codec.encode_weights``) and re
 re-applies the same structure without calibration (``rebuild``), then ``codec.decode_weights`` puts the
 saved tensors back, so the outputs are bit-identical to the ones measured before saving.
 
+The recommendation (``recommend``): for int8 modes, the int8 paths measured in this run, on this
+machine, are compared with fp32 at the largest batch timed: this artifact in PyTorch and, with
+``QuantizeOptions.onnxruntime``, ONNX Runtime's int8 of the same float artifact (``dlkit export
+--quantize``, exported to a temporary folder and timed in the same alternating rounds). The fastest
+path is named only when it measured at least ``MIN_SPEEDUP`` times faster than fp32 at a batch of
+``RECOMMEND_BATCH`` or more; otherwise the recommendation is to keep fp32. Nothing is taken from
+other machines or earlier runs.
+
 torch.ao warns that it is deprecated on every call; those warnings (and the observer notes that
 a rebuild without calibration triggers) are silenced here, narrowly, around our own calls.
 """
@@ -38,6 +46,7 @@ import copy
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +235,54 @@ class QuantizeSide(Measurement):
         return {**super().to_dict(), "file_bytes": self.file_bytes}
 
 
+RECOMMEND_BATCH = 64  # int8 pays at throughput batches; smaller ones decide nothing
+MIN_SPEEDUP = 1.05  # closer to fp32 than this is within the noise of a shared CPU: keep fp32
+KEEP_FP32 = "keep fp32"
+
+
+@dataclass
+class Recommendation:
+    path: str  # KEEP_FP32, "this artifact (PyTorch int8)", "ONNX Runtime int8 (dynamic)"
+    runtime: str  # torch or onnxruntime
+    speedup: float  # fp32 latency / this path's latency at ``batch`` (1.0 for keep fp32)
+    command: str | None  # how to get the path, when it is not this artifact or the original
+    reason: str
+    batch: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Candidate:
+    """An int8 path measured beside fp32 in this run."""
+
+    path: str
+    runtime: str
+    latency_ms: dict[int, float]
+    command: str | None = None
+
+
+def recommend(fp32_ms: dict[int, float], candidates: list[Candidate]) -> Recommendation:
+    """The fastest int8 path at the largest batch measured, when it beat fp32 by ``MIN_SPEEDUP`` at a
+    batch of at least ``RECOMMEND_BATCH``; else keep fp32. Pure: the latencies decide, nothing else."""
+    batch = max(fp32_ms)
+    if batch < RECOMMEND_BATCH:
+        return Recommendation(KEEP_FP32, "torch", 1.0, None, f"int8 was timed only up to batch {batch}; "
+                              f"a recommendation needs batch >= {RECOMMEND_BATCH}", batch)
+    if not candidates:
+        return Recommendation(KEEP_FP32, "torch", 1.0, None, "no int8 path was measured", batch)
+    best = min(candidates, key=lambda c: c.latency_ms[batch])
+    speedup = fp32_ms[batch] / best.latency_ms[batch]
+    measured = ", ".join(f"{c.path} {fp32_ms[batch] / c.latency_ms[batch]:.2f}x" for c in candidates)
+    if speedup < MIN_SPEEDUP:
+        return Recommendation(KEEP_FP32, "torch", 1.0, None,
+                              f"no int8 path measured at least {MIN_SPEEDUP:.2f}x faster than fp32 at batch {batch} "
+                              f"({measured})", batch)
+    return Recommendation(best.path, best.runtime, speedup, best.command,
+                          f"fastest at batch {batch} on this machine ({measured} against fp32)", batch)
+
+
 @dataclass
 class QuantizeResult:
     artifact: Path
@@ -243,6 +300,8 @@ class QuantizeResult:
     verified: bool  # the reloaded artifact gave the same outputs, bit for bit
     qat_history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    recommendation: Recommendation | None = None  # int8 modes only
+    onnxruntime: QuantizeSide | None = None  # ONNX Runtime int8 of the float artifact, when measured
 
     def ratios(self) -> dict[str, float]:
         b, a = self.before, self.after
@@ -257,6 +316,8 @@ class QuantizeResult:
         d = dataclasses.asdict(self)
         d["artifact"], d["source"] = str(self.artifact), str(self.source)
         d["before"], d["after"] = self.before.to_dict(), self.after.to_dict()
+        d["onnxruntime"] = self.onnxruntime.to_dict() if self.onnxruntime else None
+        d["recommendation"] = self.recommendation.to_dict() if self.recommendation else None
         d["ratios"] = self.ratios()
         return d
 
@@ -312,6 +373,9 @@ class QuantizeOptions:
     batches: tuple[int, ...] = (1, 256)
     eval_samples: int | None = None  # the first N test samples; None: all
     seed: int = 0
+    # int8: also time ONNX Runtime int8 of the float artifact for the recommendation (an ONNX export,
+    # a few seconds). Off here so library calls stay quick; the command turns it on by default.
+    onnxruntime: bool = False
 
     def validate(self) -> "QuantizeOptions":
         if self.mode not in MODES:
@@ -351,15 +415,61 @@ def _quantize(art, final: Path, opts: QuantizeOptions, started: float) -> Quanti
     x_test, y_test = data.test
     if opts.eval_samples is not None:  # the first N test samples: quicker, coarser accuracy
         x_test, y_test = x_test[:opts.eval_samples], y_test[:opts.eval_samples]
-    before, after = _measure(float_model, model, transform, layers, art, (x_test, y_test), opts)
+    int8 = opts.mode in INT8_MODES
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dlkit-quantize-") as tmp:
+        onnx = _onnx_int8(art, opts, Path(tmp), notes) if int8 else None
+        before, after, ort = _measure(float_model, model, transform, layers, art, (x_test, y_test), opts, onnx)
     final = _write(final, model, transform, art, before, after, history, opts)
     verified = _verify(final, model, art, x_test, after, opts)
-    int8 = opts.mode in INT8_MODES
+    recommendation = _recommendation(art, before, after, ort, opts.mode) if int8 else None
     return QuantizeResult(final, art.path, art.model_name, art.manifest["model"].get("family", ""), opts.mode,
                           transform["backend"],
                           "int8 (CPU only)" if int8 else f"{after.precision} (weights widened from {opts.mode} at load)",
                           layers, len(y_test), before, after, time.perf_counter() - started, verified, history,
-                          _notes(model, before, after, opts))
+                          _notes(model, before, after, opts) + notes, recommendation, ort)
+
+
+def _recommendation(art, before: QuantizeSide, after: QuantizeSide, ort: QuantizeSide | None,
+                    mode: str) -> Recommendation:
+    """``recommend`` over the int8 paths this run measured."""
+    candidates = [Candidate("this artifact (PyTorch int8)", "torch", after.latency_ms)]
+    if ort is not None:
+        onnx_mode = _onnx_mode(mode)
+        candidates.append(Candidate(f"ONNX Runtime int8 ({onnx_mode})", "onnxruntime", ort.latency_ms,
+                                    f"dlkit export {art.path} --quantize {onnx_mode}"))
+    return recommend(before.latency_ms, candidates)
+
+
+def _onnx_mode(mode: str) -> str:
+    """ONNX Runtime's int8 mode matching ours: QAT's model is static int8."""
+    return "dynamic" if mode == "dynamic" else "static"
+
+
+def _onnx_int8(art, opts: QuantizeOptions, tmp: Path, notes: list[str]) -> Path | None:
+    """ONNX Runtime int8 of the float artifact, exported into ``tmp`` (``dlkit export --quantize``);
+    None with a note when it is not wanted, not installed, or the family does not export."""
+    import importlib.util
+
+    from dlkit.export import ONNX_EXTRA, ExportMismatch, ExportOptions, export_artifact
+
+    if not opts.onnxruntime:
+        notes.append("ONNX Runtime int8 not measured (--no-onnxruntime): the recommendation weighs PyTorch int8 only")
+        return None
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        notes.append(f"ONNX Runtime int8 not measured: {', '.join(missing)} not installed ({ONNX_EXTRA})")
+        return None
+    try:
+        folder = export_artifact(art.path, ExportOptions(format="onnx", quantize=_onnx_mode(opts.mode),
+                                                         data_dir=opts.data_dir, out=tmp / "onnx")).path
+    except (IncompatibleError, ExportMismatch) as exc:
+        notes.append(f"ONNX Runtime int8 not measured: {exc.message}")
+        return None
+    if opts.mode == "qat":
+        notes.append("ONNX Runtime int8 (static) quantizes the float weights after training, not the QAT-tuned "
+                     "ones: compare its accuracy")
+    return folder
 
 
 def _check(art, opts: QuantizeOptions) -> Path:
@@ -432,8 +542,10 @@ def _layers(model: nn.Module, float_model: nn.Module, mode: str, model_name: str
     return layers
 
 
-def _measure(float_model, model, transform: dict, layers: list[str], art, test, opts: QuantizeOptions):
-    """Both models through the one measurement (the way `dlkit evaluate` runs them), then accuracy."""
+def _measure(float_model, model, transform: dict, layers: list[str], art, test, opts: QuantizeOptions,
+             onnx: Path | None = None):
+    """Both models through the one measurement (the way `dlkit evaluate` runs them), then accuracy;
+    with ``onnx`` (an int8 export folder), ONNX Runtime timed in the same rounds as a third side."""
     from dlkit.engine.evaluate import evaluate_model
 
     x_test, y_test = test
@@ -441,8 +553,17 @@ def _measure(float_model, model, transform: dict, layers: list[str], art, test, 
     samples = repeat_to(x_test, max(opts.batches))
     subjects = [Subject(float_model, samples, art.precision), Subject(model, samples, "fp32" if int8 else art.precision,
                                                                        transform)]
+    if onnx is not None:
+        run = _onnx_runner(onnx, torch.get_num_threads())
+        subjects.append(Subject(float_model, samples, "fp32", run=run, runtime="onnxruntime",
+                                stored_bytes=(onnx / "model.onnx").stat().st_size))
     with quiet_ao(opts.backend if int8 else torch.backends.quantized.engine):
         measured = measure_models(subjects, device="cpu", batches=tuple(opts.batches), repeats=opts.repeats)
+    ort = None
+    if onnx is not None:
+        ev = _evaluate_run(subjects[2].run, x_test, y_test, art)
+        fields = {f.name: getattr(measured[2], f.name) for f in dataclasses.fields(measured[2])}
+        ort = QuantizeSide(**fields, accuracy=ev.accuracy, loss=ev.loss, macro_f1=ev.macro_f1)
     encoded = encode_weights(model, transform)
     layer_bytes = (_tensor_bytes(v for k, v in float_model.state_dict().items()
                                  if any(k.startswith(f"{n}.") for n in layers)),
@@ -457,7 +578,26 @@ def _measure(float_model, model, transform: dict, layers: list[str], art, test, 
         fields = {f.name: getattr(meas, f.name) for f in dataclasses.fields(meas)}
         sides.append(QuantizeSide(**fields, layer_bytes=lb, accuracy=ev.accuracy, loss=ev.loss,
                                   macro_f1=ev.macro_f1))
-    return sides[0], sides[1]
+    return sides[0], sides[1], ort
+
+
+def _onnx_runner(folder: Path, threads: int):
+    """numpy batch -> logits through ONNX Runtime with ``threads`` threads (as PyTorch gets)."""
+    from dlkit.export import INPUT_NAME, onnx_session
+
+    session = onnx_session(folder / "model.onnx", threads)
+    return lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def _evaluate_run(run, x_test: torch.Tensor, y_test: torch.Tensor, art):
+    """Test metrics from another runtime's logits (as ``dlkit evaluate`` computes them)."""
+    import numpy as np
+
+    from dlkit.engine.evaluate import metrics_from_logits
+
+    logits = [np.asarray(run(x_test[i : i + 1024].contiguous().numpy())) for i in range(0, len(x_test), 1024)]
+    names = list(art.spec.class_names or range(art.spec.num_classes))
+    return metrics_from_logits(torch.from_numpy(np.concatenate(logits)).float(), y_test, names, "test")
 
 
 def _write(final: Path, model, transform: dict, art, before: QuantizeSide, after: QuantizeSide,

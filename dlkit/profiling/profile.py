@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from dlkit.errors import DlkitError, IncompatibleError, UsageError
 from dlkit.profiling.counting import Counter_, OpCounts
-from dlkit.profiling.latency import Latency, measure_latency
+from dlkit.profiling.latency import Latency, measure_latency, measure_onnx_latency
 from dlkit.profiling.memory import (LiveTracker, MemoryEstimate, SavedTensors, estimate_memory, measure_peak,
                                     storage_key, tensor_bytes, weight_bytes)
 from dlkit.profiling.target import Target, load_module_class, resolve_target  # noqa: F401 (load_module_class: re-exported)
@@ -209,9 +211,16 @@ class ProfileOptions:
     measure: bool | None = None  # None: run the real model only where one run is cheap
     device: str = "auto"
     overrides: dict | None = None  # registry models: config key -> value
+    runtime: str = "torch"  # what runs the timed passes: "torch" or "onnxruntime" (the model exported to ONNX)
 
     def validate(self) -> "ProfileOptions":
-        from dlkit.choices import PROFILE_OPTIMIZERS
+        from dlkit.choices import PREDICT_RUNTIMES, PROFILE_OPTIMIZERS
+
+        if self.runtime not in PREDICT_RUNTIMES:
+            raise UsageError(f"unknown runtime '{self.runtime}'", hint=f"use {' or '.join(PREDICT_RUNTIMES)}")
+        if self.runtime == "onnxruntime" and self.device == "cuda":
+            raise UsageError("--runtime onnxruntime times the model on the CPU, not with --device cuda",
+                             hint="drop --device cuda, or time it with --runtime torch")
 
         if self.optimizer not in PROFILE_OPTIMIZERS:
             raise UsageError(f"unknown optimizer '{self.optimizer}'", hint=f"use {', '.join(PROFILE_OPTIMIZERS)}")
@@ -231,8 +240,11 @@ def profile_target(target: str, opts: ProfileOptions | None = None) -> ProfileRe
     from dlkit.device import resolve_device
 
     opts = (opts or ProfileOptions()).validate()
-    dev = resolve_device(opts.device)
+    dev = resolve_device("cpu" if opts.runtime == "onnxruntime" else opts.device)
     tgt, precision, batch = _resolve(target, opts)
+    if opts.runtime == "onnxruntime" and tgt.kind == "module":
+        raise UsageError(f"--runtime onnxruntime exports the model, which needs a registry model or an artifact, "
+                         f"not {target}", hint="save the module as a dlkit artifact, or drop --runtime")
     notes: list[str] = []
     model, counted_on = _model_for_counting(tgt, dev)
     count_dev = torch.device("meta") if counted_on == "meta" else dev
@@ -250,7 +262,7 @@ def profile_target(target: str, opts: ProfileOptions | None = None) -> ProfileRe
         xr = x if counted_on != "meta" else tgt.example(batch, str(dev))
         _measure_memory(real, xr, dev, precision, fwd.flops, train, opts, memory, notes)
         if opts.latency:
-            lat = _measure_latencies(tgt, real, batch, fwd.flops / batch, dev, precision, opts.measure, notes)
+            lat = _measure_latencies(tgt, real, batch, fwd.flops / batch, dev, precision, opts, notes)
     elif opts.measure is not False:
         notes.append(f"measured memory and latency skipped: {fwd.flops / 1e9:.0f} GFLOPs per batch "
                      "(pass --measure to run it anyway)")
@@ -376,18 +388,64 @@ def _measure_memory(real: nn.Module, x, dev: torch.device, precision: str, flops
 
 
 def _measure_latencies(tgt: Target, real: nn.Module, batch: int, per_sample_flops: float, dev: torch.device,
-                       precision: str, measure: bool | None, notes: list[str]) -> list[Latency]:
-    """Latency at batch 1 and at ``batch``, each where one run is cheap enough (or forced)."""
-    lat = []
+                       precision: str, opts: ProfileOptions, notes: list[str]) -> list[Latency]:
+    """Latency at batch 1 and at ``batch``, each where one run is cheap enough (or forced), run by
+    ``opts.runtime``."""
+    batches = []
     for b in [1] + ([batch] if batch != 1 else []):
-        if not _wanted(measure, per_sample_flops * b):
+        if _wanted(opts.measure, per_sample_flops * b):
+            batches.append(b)
+        else:
             notes.append(f"latency at batch {b} skipped: {per_sample_flops * b / 1e9:.0f} GFLOPs "
                          "per run (pass --measure)")
-            continue
-        xb = tgt.example(b, str(dev))
-        real.eval()
-        lat.append(measure_latency(real, xb, precision=precision))
-    return lat
+    if opts.runtime == "onnxruntime":
+        return _onnx_latencies(tgt, real, batches, precision, notes) if batches else []
+    real.eval()
+    return [measure_latency(real, tgt.example(b, str(dev)), precision=precision) for b in batches]
+
+
+@contextlib.contextmanager
+def _profile_hint():
+    """A failed export check says what to do in ``dlkit profile`` (not ``dlkit export``'s options)."""
+    from dlkit.export import ExportMismatch
+
+    try:
+        yield
+    except ExportMismatch as exc:
+        raise ExportMismatch(exc.message, hint="time it with --runtime torch") from None
+
+
+def _onnx_latencies(tgt: Target, real: nn.Module, batches: list[int], precision: str,
+                    notes: list[str]) -> list[Latency]:
+    """Latency of the model exported to ONNX and run by ONNX Runtime on the CPU, at each of ``batches``.
+
+    The export is checked against PyTorch first, as ``dlkit export`` does (a mismatch fails): an
+    artifact is exported as ``dlkit export`` would (checked on its data's samples), a registry
+    model on random inputs; the temporary file is removed once ONNX Runtime has read it."""
+    import tempfile
+
+    from dlkit import export
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="dlkit-profile-") as tmp, _profile_hint():
+        if tgt.kind == "artifact":
+            res = export.export_artifact(tgt.path, export.ExportOptions(out=Path(tmp) / "export", samples=8))
+            file, how = res.path / res.file, res.notes
+            diff, samples = res.max_abs_diff, f"{res.samples} samples of its data"
+        else:
+            x = tgt.example(8, "cpu")
+            file = Path(tmp) / export.MODEL_FILES["onnx"]
+            check = export.export_onnx_checked(real.to("cpu"), x, file, text=not x.is_floating_point(),
+                                               name=tgt.name)
+            diff, samples, how = check["max_abs_diff"], f"{check['samples']} random inputs", check["notes"]
+        session = export.onnx_session(file, threads=threads)
+    notes.append(f"latency: the model exported to ONNX and run by ONNX Runtime (CPU, {threads} threads), checked "
+                 f"against PyTorch on {samples} (max |diff| {diff:.2g}); counts and memory are PyTorch's")
+    notes.extend(f"ONNX export: {n}" for n in how)
+    if precision != "fp32" and tgt.kind != "artifact":  # an artifact's export notes this itself
+        notes.append(f"ONNX Runtime computes in fp32, not {precision}")
+    return [measure_onnx_latency(session, {export.INPUT_NAME: tgt.example(b, "cpu").numpy()}, threads=threads)
+            for b in batches]
 
 
 def _forward_doc(fwd: OpCounts, batch: int) -> dict:

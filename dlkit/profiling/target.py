@@ -31,6 +31,7 @@ class Target:
     precision: str = "fp32"
     input_shape: tuple[int, ...] = ()  # per sample
     default_batch: int = 1
+    path: Path | None = None  # an artifact's folder
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -103,7 +104,7 @@ def artifact_target(path: Path, shape, seq_len) -> tuple[Target, int | None]:
     model = artifacts.load_model(art)
     spec, batch = _spec_input(art.spec, shape, seq_len)
     t = Target("artifact", art.model_name, _spec_example(spec), lambda device: model, real=model,
-                precision=art.manifest.get("precision", "fp32"), input_shape=spec.input_shape)
+                precision=art.manifest.get("precision", "fp32"), input_shape=spec.input_shape, path=art.path)
     return t, batch
 
 
