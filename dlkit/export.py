@@ -43,7 +43,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dlkit import artifacts, output
+from dlkit import artifacts, extras, output
 from dlkit.choices import EXPORT_FORMATS, ONNX_QUANT_MODES
 from dlkit.errors import ArtifactError, DlkitError, IncompatibleError, UsageError
 
@@ -59,7 +59,7 @@ CHECK_BATCHES = (1, 7)  # batch sizes every export is checked at (besides all sa
 # of two runtimes sum in other orders; int8 kernels may round an activation one step apart.
 FLOAT_TOLERANCE = 1e-3
 INT8_TOLERANCE = 5e-2
-ONNX_EXTRA = 'pip install "dlkit[onnx]"'
+ONNX_EXTRA = extras.INSTALL["onnx"]
 
 
 class ExportMismatch(DlkitError):
@@ -121,13 +121,14 @@ class ExportResult:
 
 def require(module: str, what: str):
     """Import an optional dependency of the ``onnx`` extra, or fail with the line that installs it."""
-    import importlib
+    return extras.require(module, what, "onnx")
 
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        raise UsageError(f"{what} needs the '{module}' package, which is not installed",
-                         hint=ONNX_EXTRA) from None
+
+def require_onnx_export() -> None:
+    """What an ONNX export and its check need: onnx, onnxscript (the dynamo exporter), onnxruntime."""
+    require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")
+    require("onnxruntime", "checking an ONNX export")
 
 
 def onnx_session(file: Path, threads: int | None = None):
@@ -509,9 +510,7 @@ def export_onnx_checked(model, example, file: Path, *, text: bool = False, name:
     (a batch of inputs; at batch 1, 7 and all of it) within the float tolerance, as
     :func:`export_artifact` does; returns the check (its ``notes``: how it was exported). For a
     model without an artifact (``dlkit profile`` of a registry model): no data, no ``export.json``."""
-    require("onnx", "ONNX export")
-    require("onnxscript", "ONNX export")
-    require("onnxruntime", "checking an ONNX export")
+    require_onnx_export()
     notes: list[str] = []
     model = model.eval()
     _, dynamic = _onnx(model, example[:7], file, text, None, notes, (name, False))
@@ -543,9 +542,7 @@ def export_artifact(path: Path | str, opts: ExportOptions | None = None) -> Expo
     opts = (opts or ExportOptions()).validate()
     started = time.perf_counter()
     if opts.format == "onnx":
-        require("onnx", "ONNX export")
-        require("onnxscript", "ONNX export")
-        require("onnxruntime", "checking an ONNX export")
+        require_onnx_export()
     art = artifacts.read_artifact(path)
     final = Path(opts.out) if opts.out else default_out(Path(path), opts.format, opts.quantize)
     with output.Destination(final):

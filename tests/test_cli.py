@@ -109,3 +109,15 @@ def test_help_does_not_import_torch():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "dlkit", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip()
+
+
+def test_a_missing_optional_package_is_one_line_naming_its_extra():
+    import pytest
+
+    from dlkit.errors import UsageError
+    from dlkit.extras import require
+
+    with pytest.raises(UsageError, match="ONNX export needs the 'no_such_module_xyz' package") as info:
+        require("no_such_module_xyz", "ONNX export", "onnx")
+    assert info.value.hint == 'pip install "dlkit[onnx]"'
+    assert require("json", "reading", "explain").dumps([1]) == "[1]"

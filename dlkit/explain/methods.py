@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dlkit.choices import EXPLAIN_GRADIENT_METHODS, EXPLAIN_METHODS
+from dlkit.extras import require
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.spec import IMAGE, TEXT, DataSpec
 
@@ -38,12 +39,7 @@ BATCH = 64  # perturbed inputs (or noisy copies) run through the model at once
 
 def captum_attr():
     """``captum.attr``, imported on first use (it is an optional extra)."""
-    try:
-        import captum.attr
-    except ImportError:
-        raise UsageError("dlkit explain needs Captum, which is not installed",
-                         hint='pip install "dlkit[explain]"') from None
-    return captum.attr
+    return require("captum.attr", "dlkit explain", "explain")
 
 
 @dataclass

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from dlkit.errors import UsageError
 from dlkit.explain import methods
+from dlkit.extras import require
 from dlkit.spec import IMAGE
 
 INFIDELITY_SAMPLES = 64  # random removals per sample
@@ -36,12 +36,8 @@ LOCAL_METHODS = ("saliency", "smoothgrad", "grad-cam")
 
 
 def captum_metrics():
-    try:
-        import captum.metrics
-    except ImportError:
-        raise UsageError("--metrics needs Captum, which is not installed",
-                         hint='pip install "dlkit[explain]"') from None
-    return captum.metrics
+    """``captum.metrics``, imported on first use (it is an optional extra)."""
+    return require("captum.metrics", "--metrics", "explain")
 
 
 def infidelity(subject: methods.Subject, x: torch.Tensor, baseline: torch.Tensor, scores: torch.Tensor, target: int,
