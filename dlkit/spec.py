@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, field
 IMAGE = "image"
 TEXT = "text"
 MODALITIES = (IMAGE, TEXT)
+CLASSIFY = "classify"  # one label per sample
+LM = "lm"  # next-token prediction: the targets are the inputs shifted by one
+TASKS = (CLASSIFY, LM)
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,10 @@ class DataSpec:
 
     ``input_shape`` is per sample: ``(channels, height, width)`` for images, ``(seq_len,)`` for
     text (token ids, 0 is padding). ``vocab_size`` is set for text only.
+
+    ``task`` is ``classify`` (one of ``num_classes`` labels per sample) or ``lm`` (language
+    modelling on text: a next-token distribution at every position; ``num_classes`` is the vocab
+    size and ``input_shape`` is the context length).
     """
 
     modality: str
@@ -23,10 +30,15 @@ class DataSpec:
     num_classes: int
     vocab_size: int | None = None
     class_names: tuple[str, ...] | None = field(default=None, compare=False)
+    task: str = CLASSIFY
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
             raise ValueError(f"unknown modality {self.modality!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}")
+        if self.task == LM and (self.modality != TEXT or self.num_classes != self.vocab_size):
+            raise ValueError("language-model specs are text with num_classes == vocab_size")
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -41,6 +53,8 @@ class DataSpec:
 
     def describe(self) -> str:
         shape = "x".join(str(s) for s in self.input_shape)
+        if self.task == LM:
+            return f"text {shape} tokens of context, vocab {self.vocab_size}, next-token prediction"
         if self.modality == TEXT:
             return f"text {shape} tokens, vocab {self.vocab_size}, {self.num_classes} classes"
         return f"image {shape}, {self.num_classes} classes"
@@ -50,6 +64,8 @@ class DataSpec:
         d["input_shape"] = list(self.input_shape)
         if self.class_names is not None:
             d["class_names"] = list(self.class_names)
+        if self.task == CLASSIFY:
+            del d["task"]  # manifests written before tasks existed read the same
         return d
 
     @classmethod
@@ -60,6 +76,7 @@ class DataSpec:
             num_classes=int(d["num_classes"]),
             vocab_size=d.get("vocab_size"),
             class_names=tuple(d["class_names"]) if d.get("class_names") else None,
+            task=d.get("task", CLASSIFY),
         )
 
 

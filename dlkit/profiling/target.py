@@ -7,6 +7,7 @@ real device), how to make example inputs of a given batch, and the per-sample in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def _spec_input(spec, shape: tuple[int, ...] | None, seq_len: int | None):
             form = "C,H,W (or N,C,H,W)" if spec.modality == IMAGE else "L (or N,L)"
             raise IncompatibleError(f"input shape {','.join(map(str, shape))} does not fit {spec.modality} "
                                     f"data", hint=f"give {form}")
-        spec = DataSpec(spec.modality, shape, spec.num_classes, spec.vocab_size, spec.class_names)
+        spec = dataclasses.replace(spec, input_shape=shape)
     return spec, batch
 
 
@@ -164,6 +165,10 @@ def resolve_target(target: str, *, dataset=None, input_shape=None, seq_len=None,
                    overrides=None) -> tuple[Target, int | None]:
     """(the target, the batch size its --input-shape gave or None)."""
     shape = _parse_shape(input_shape) if isinstance(input_shape, str) else input_shape
+    if target.startswith("hf:"):  # a Hugging Face config/checkpoint (dlkit.hf)
+        from dlkit.hf.target import hf_target
+
+        return hf_target(target, shape, seq_len, overrides or {})
     if target == "-" or Path(target).is_dir():
         from dlkit.artifacts import resolve_path
 
