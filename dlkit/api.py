@@ -52,9 +52,9 @@ class TrainRequest:
         """Check what can be checked without loading anything: names, options, split and device."""
         from dlkit.data import DATASETS, check_split_args
         from dlkit.device import check_device_name
-        from dlkit.models import MODELS
+        from dlkit.models import model_entry
 
-        MODELS.get(self.model)
+        model_entry(self.model)
         DATASETS.get(self.dataset)  # unknown names fail before anything is loaded
         check_split_args(self.val_fraction, self.seed)
         check_device_name(self.device)
@@ -372,11 +372,11 @@ def _final_metrics(run: _Job, state: TrainState) -> tuple[EvalResult | None, Eva
 
 
 def _manifest(run: _Job, metrics: dict, ddp: dict | None) -> dict:
-    from dlkit.models import MODELS
+    from dlkit.models import model_entry
 
     r, cfg = run.request, run.cfg
     manifest = artifacts.new_manifest(
-        model_name=r.model, family=MODELS.get(r.model).family, config=_config_dict(run.model_cfg),
+        model_name=r.model, family=model_entry(r.model).family, config=_config_dict(run.model_cfg),
         spec=run.data.spec, dataset=r.dataset, data_state=run.data.state, seed=r.seed, precision=cfg.precision)
     options = {"train_config": dataclasses.asdict(cfg), "overrides": r.overrides, "val_fraction": r.val_fraction,
                "device": str(run.device), "distributed": ddp, "data_options": r.data_options}

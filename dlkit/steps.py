@@ -122,9 +122,9 @@ def _train_dataset(model: str, dataset: str | None, data_file: Path | None) -> s
     if dataset is not None:
         return dataset
     from dlkit.data import DATASETS
-    from dlkit.models import MODELS
+    from dlkit.models import model_entry
 
-    dataset = MODELS.get(model).default_dataset
+    dataset = model_entry(model).default_dataset
     if dataset not in DATASETS:
         raise UsageError(f"model '{model}' has no trainable default dataset", hint="pass --dataset")
     return dataset

@@ -296,7 +296,7 @@ def _prune(run: _Run, opts: PruneOptions, started: float) -> PruneResult:
 def _start(path, opts: PruneOptions, observer, download_progress) -> _Run:
     """Read the artifact, check what is asked fits it, load the model and the data it needs."""
     from dlkit.device import resolve_device
-    from dlkit.models import MODELS
+    from dlkit.models import model_entry
 
     art = artifacts.read_artifact(path)
     if art.manifest["model"].get("transforms"):
@@ -309,7 +309,7 @@ def _start(path, opts: PruneOptions, observer, download_progress) -> _Run:
     if mode != "sensitivity":
         out = Path(opts.out) if opts.out else default_out(art.path, opts, mode)
         artifacts.check_destination(out)
-    support = MODELS.get(art.model_name).support
+    support = model_entry(art.model_name).support
     if mode != "unstructured" and support.prune == "none":
         raise IncompatibleError(f"'{art.model_name}' cannot be pruned structurally: {support.reason}",
                                 hint="--unstructured zeroes weights of any model")
@@ -317,7 +317,7 @@ def _start(path, opts: PruneOptions, observer, download_progress) -> _Run:
     model = artifacts.load_model(art)
     protect = resolve_protect(model, opts.protect)
     data = _load_data(art, opts, download_progress)
-    family = art.manifest["model"].get("family", MODELS.get(art.model_name).family)
+    family = art.manifest["model"].get("family", model_entry(art.model_name).family)
     result = PruneResult(artifact=None, source=art.path, model=art.model_name, family=family, mode=mode,
                          device=str(dev), widths_before=widths_of(model))
     run = _Run(opts, art, mode, out, dev, model, protect, data, example_batch(art.spec, 2, data), result, observer)
@@ -390,9 +390,9 @@ def _prune_structured(run: _Run, pruned: nn.Module, protect: list[nn.Module]) ->
 def _rebuild(run: _Run, pruned: nn.Module) -> tuple[nn.Module, object]:
     """Rebuild the pruned model from its config, as any later command will; check it computes the same."""
     from dlkit.config import from_dict, to_dict
-    from dlkit.models import MODELS, build_model
+    from dlkit.models import build_model, model_entry
 
-    name, entry = run.art.model_name, MODELS.get(run.art.model_name)
+    name, entry = run.art.model_name, model_entry(run.art.model_name)
     old_cfg = from_dict(entry.config_cls, run.art.manifest["model"]["config"])
     config = dataclasses.replace(old_cfg, **entry.support.widths(pruned))
     rebuilt = build_model(name, to_dict(config), run.art.spec)

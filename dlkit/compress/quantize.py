@@ -82,11 +82,11 @@ def supported_modes(support: Support, modality: str) -> tuple[str, ...]:
 
 
 def check_mode(mode: str, model_name: str, modality: str) -> None:
-    from dlkit.models import MODELS
+    from dlkit.models import model_entry
 
     if mode not in MODES:
         raise UsageError(f"unknown quantization mode '{mode}'", hint=f"use one of {', '.join(MODES)}")
-    entry = MODELS.get(model_name)
+    entry = model_entry(model_name)
     modes = supported_modes(entry.support, modality)
     if mode not in modes:
         static = ", ".join(f for f, s in FAMILIES.items() if s.static_int8)

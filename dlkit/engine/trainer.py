@@ -68,9 +68,9 @@ def resolve_train_config(model: str, options: dict, dataset: str | None = None) 
     """Global defaults, then the model's own, then the dataset's, then what the user gave."""
     from dlkit.config import apply_overrides
     from dlkit.data import DATASETS
-    from dlkit.models import MODELS
+    from dlkit.models import model_entry
 
-    cfg = apply_overrides(TrainConfig(), MODELS.get(model).train_defaults, what="training defaults")
+    cfg = apply_overrides(TrainConfig(), model_entry(model).train_defaults, what="training defaults")
     if dataset is not None:
         cfg = apply_overrides(cfg, DATASETS.get(dataset).train_defaults, what="training defaults")
     cfg = apply_overrides(cfg, {k: v for k, v in options.items() if v is not None}, what="training option")

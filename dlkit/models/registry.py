@@ -81,15 +81,22 @@ class ModelEntry:
     make_config: Callable[[], Any]
     build: Callable[[Any, DataSpec], Any]
     modalities: tuple[str, ...]
-    default_dataset: str
+    default_dataset: str  # what `dlkit train NAME` trains on when --dataset is not given
     description: str = ""
     # Training options that suit this model better than the global defaults (lr, epochs, ...).
     train_defaults: dict = field(default_factory=dict)
     support: Support = NOT_DECLARED
+    # The data shape the name stands for when no dataset is given (profile, models): the published
+    # input and head ("imagenet" for vgg16); None means default_dataset's shape.
+    native: str | None = None
 
     @property
     def config_cls(self) -> type:
         return type(self.make_config())
+
+    @property
+    def native_dataset(self) -> str:
+        return self.native or self.default_dataset
 
 
 MODELS: Registry[ModelEntry] = Registry("model", list_command="dlkit models")
@@ -119,6 +126,7 @@ def register_model(
     default_dataset: str,
     train_defaults: dict | None = None,
     support: Support = NOT_DECLARED,
+    native: str | None = None,
 ):
     """Register the decorated config factory under ``name`` (default: its function name)."""
 
@@ -138,11 +146,22 @@ def register_model(
                 description=doc[0] if doc else "",
                 train_defaults=dict(train_defaults or {}),
                 support=support,
+                native=native,
             ),
         )
         return fn
 
     return deco
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry for ``name``: a registered preset, or for ``hf:...`` an entry made from the
+    Hugging Face config it names (dlkit.hf). Everything that looks a model name up goes here."""
+    if name.startswith("hf:"):
+        from dlkit.hf import model_entry as hf_model_entry
+
+        return hf_model_entry(name)
+    return MODELS.get(name)
 
 
 def check_fits(entry: ModelEntry, spec: DataSpec) -> None:
@@ -155,7 +174,7 @@ def check_fits(entry: ModelEntry, spec: DataSpec) -> None:
 
 def create_model(name: str, spec: DataSpec, overrides: dict[str, Any] | None = None):
     """Build registered model ``name`` for data ``spec``; returns ``(module, resolved_config)``."""
-    entry = MODELS.get(name)
+    entry = model_entry(name)
     check_fits(entry, spec)
     cfg = apply_overrides(entry.make_config(), overrides or {}, what=f"'{name}' config")
     return entry.build(cfg, spec), cfg
@@ -163,7 +182,7 @@ def create_model(name: str, spec: DataSpec, overrides: dict[str, Any] | None = N
 
 def build_model(name: str, config: dict, spec: DataSpec):
     """Rebuild a model from a saved config (an artifact's manifest)."""
-    entry = MODELS.get(name)
+    entry = model_entry(name)
     check_fits(entry, spec)
     cfg = from_dict(entry.config_cls, config)
     return entry.build(cfg, spec)
