@@ -5,6 +5,8 @@ An artifact is a directory:
     manifest.json       format version, model name and config, data spec, dataset, seed, lineage
     model.safetensors   the weights (safetensors: loading never runs code)
     metrics.json        the producing step's metrics
+    config.json         Hugging Face models (family hf): their transformers config, so that the
+                        folder also loads with ``from_pretrained`` (dlkit itself reads the manifest)
     ...                 history.jsonl, tensorboard/, plots, train.log (written by the step)
 
 It is assembled in a sibling work folder and renamed into place, so a reader never sees a half
@@ -179,6 +181,10 @@ def _write_contents(work: Path, model, manifest: dict, files: dict[str, bytes | 
                                  hint="free some space or choose another --out") from None
     manifest = dict(manifest)
     manifest["weights"] = {"file": WEIGHTS, "sha256": sha256_file(work / WEIGHTS)}
+    if manifest["model"].get("family") == "hf" and codec is None:  # the folder loads with from_pretrained too
+        from dlkit.hf import hf_files
+
+        files = {**hf_files(model, manifest), **files}
     for name, content in files.items():
         mode = "wb" if isinstance(content, bytes) else "w"
         with open(work / name, mode) as f:

@@ -8,7 +8,7 @@ import importlib
 
 from dlkit.errors import UsageError
 
-INSTALL = {"explain": 'pip install "dlkit[explain]"', "onnx": 'pip install "dlkit[onnx]"'}
+INSTALL = {"explain": 'pip install "dlkit[explain]"', "onnx": 'pip install "dlkit[onnx]"', "hf": 'pip install "dlkit[hf]"'}
 
 
 def require(module: str, what: str, extra: str):

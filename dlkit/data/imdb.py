@@ -27,8 +27,9 @@ from dlkit.data.registry import DatasetEntry, register_dataset
 from dlkit.data.sources import FileSet, RemoteFile
 from dlkit.data.splits import split_indices
 from dlkit.data.text import check_options, decode_utf8, no_raw, split_state, text_bundle
-from dlkit.data.tokenizer import (DEFAULT_MAX_LEN, DEFAULT_VOCAB, TOKENIZER, Tokenizer, note_truncated,
-                                  saved_tokenizer, tokenizer_options)
+from dlkit.data.tokenizer import (DEFAULT_MAX_LEN, DEFAULT_VOCAB, TOKENIZER, HFTokenizer, Tokenizer,
+                                  check_tokenizer_option, make_tokenizer, note_truncated, saved_tokenizer,
+                                  tokenizer_options)
 from dlkit.errors import DataError
 from dlkit.spec import TEXT, DataSpec
 
@@ -145,9 +146,10 @@ def _tree_fingerprint(tree: Path) -> list:
     return out
 
 
-def _imdb_cache_path(tree: Path, vocab_size: int, max_len: int, val_fraction: float, seed: int) -> Path:
+def _imdb_cache_path(tree: Path, vocab_size: int, max_len: int, val_fraction: float, seed: int,
+                     tokenizer: str = TOKENIZER) -> Path:
     key = json.dumps({"tree": str(tree.resolve()), "files": _tree_fingerprint(tree), "vocab_size": vocab_size,
-                      "max_len": max_len, "val_fraction": val_fraction, "seed": seed, "tokenizer": TOKENIZER})
+                      "max_len": max_len, "val_fraction": val_fraction, "seed": seed, "tokenizer": tokenizer})
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return sources.cache_dir(IMDB.name) / "tokenized" / f"{digest}.safetensors"
 
@@ -186,17 +188,22 @@ def _write_cache(path: Path, arrays: dict, extra: dict) -> None:
 def load_imdb(*, data_dir=None, val_fraction: float = 0.1, seed: int = 0, download: bool = True,
               state: dict | None = None, progress=None, options: dict | None = None) -> "DataBundle":
     options = dict(options or {})
-    check_options("imdb", options, ("vocab_size", "max_len"))
+    check_options("imdb", options, OPTIONS)
     tokenizer_options(options)  # bad values fail before any reading
+    check_tokenizer_option(options)
     val_fraction, seed = split_state(state, val_fraction, seed)
     tree, source = _find_tree(Path(data_dir) if data_dir is not None else None, download, progress)
     if state is not None:
         tok = saved_tokenizer(state, options)
         vocab_size, max_len = state["tokenizer"].get("vocab_size"), tok.max_len
+    elif (options.get("tokenizer") or "").startswith("hf:"):
+        tok, vocab_size = make_tokenizer(options, ())
+        max_len = tok.max_len
     else:
         tok = None
         vocab_size, max_len = tokenizer_options(options)
-    cache = _imdb_cache_path(tree, vocab_size, max_len, val_fraction, seed)
+    kind = tok.digest if isinstance(tok, HFTokenizer) else TOKENIZER  # a model's tokenizer: by its content
+    cache = _imdb_cache_path(tree, vocab_size, max_len, val_fraction, seed, kind)
     hit = _read_cache(cache)
     if hit is not None and (tok is None or hit[1].get("digest") == tok.digest):
         arrays, extra = hit
@@ -243,10 +250,11 @@ def _encode_tree(tree: Path, tok: Tokenizer | None, vocab_size: int, max_len: in
     return arrays, tok
 
 
+OPTIONS = ("vocab_size", "max_len", "tokenizer")
 IMDB_SPEC = DataSpec(TEXT, (DEFAULT_MAX_LEN,), 2, vocab_size=DEFAULT_VOCAB, class_names=IMDB_LABELS)
 
 register_dataset(DatasetEntry(
     name="imdb", spec=IMDB_SPEC,
     description="IMDB movie reviews, positive/negative (25000 train / 25000 test); word tokens",
-    fetch=no_raw, locate=_locate_imdb, load=load_imdb, options=("vocab_size", "max_len"),
+    fetch=no_raw, locate=_locate_imdb, load=load_imdb, options=OPTIONS,
 ))

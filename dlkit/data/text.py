@@ -52,7 +52,7 @@ def text_bundle(name: str, tok: Tokenizer, class_names: Sequence[str], x_train: 
     is_val[train_idx] = False
     val_idx = is_val.nonzero().squeeze(1)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    spec = DataSpec(TEXT, (tok.max_len,), len(class_names), vocab_size=len(tok.vocab),
+    spec = DataSpec(TEXT, (tok.max_len,), len(class_names), vocab_size=tok.vocab_size,
                     class_names=tuple(class_names))
     full_state = {"version": 1, "dataset": name, "val_fraction": float(val_fraction), "seed": int(seed),
                   "num_train": len(x_train), "labels": list(class_names), **state}

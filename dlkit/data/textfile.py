@@ -22,8 +22,8 @@ import numpy as np
 from dlkit.data.registry import DatasetEntry, register_dataset
 from dlkit.data.splits import split_indices, stratified_test_mask
 from dlkit.data.text import check_options, decode_utf8, no_raw, split_state, text_bundle
-from dlkit.data.tokenizer import (DEFAULT_MAX_LEN, DEFAULT_VOCAB, Tokenizer, note_truncated, saved_tokenizer,
-                                  tokenizer_options)
+from dlkit.data.tokenizer import (DEFAULT_MAX_LEN, DEFAULT_VOCAB, check_tokenizer_option, make_tokenizer,
+                                  note_truncated, saved_tokenizer, tokenizer_options)
 from dlkit.errors import DataError, UsageError
 from dlkit.spec import TEXT, DataSpec
 
@@ -145,8 +145,9 @@ def _file_digest(path: Path) -> str:
 def load_text_file(*, data_dir=None, val_fraction: float = 0.1, seed: int = 0, download: bool = True,
                    state: dict | None = None, progress=None, options: dict | None = None) -> "DataBundle":
     options = dict(options or {})
-    check_options("text-csv", options, ("data_file", "text_column", "label_column", "vocab_size", "max_len"))
+    check_options("text-csv", options, OPTIONS)
     tokenizer_options(options)  # bad values fail before any reading
+    check_tokenizer_option(options)
     val_fraction, seed = split_state(state, val_fraction, seed)
     own = state is not None and state.get("dataset") == "text-csv"
     saved_file = state.get("file") if own else None
@@ -223,16 +224,16 @@ def _build_or_reuse(texts_train: Sequence[str], state: dict | None, options: dic
     train_idx, _ = split_indices(len(texts_train), val_fraction, seed)
     if state is not None:
         return saved_tokenizer(state, options), train_idx, state["tokenizer"].get("vocab_size")
-    vocab_size, max_len = tokenizer_options(options)
-    idx = train_idx.tolist()
-    return Tokenizer.build((texts_train[i] for i in idx), vocab_size, max_len), train_idx, vocab_size
+    tok, vocab_size = make_tokenizer(options, (texts_train[i] for i in train_idx.tolist()))
+    return tok, train_idx, vocab_size
 
 
+OPTIONS = ("data_file", "text_column", "label_column", "vocab_size", "max_len", "tokenizer")
 CSV_SPEC = DataSpec(TEXT, (DEFAULT_MAX_LEN,), 2, vocab_size=DEFAULT_VOCAB)
 
 register_dataset(DatasetEntry(
     name="text-csv", spec=CSV_SPEC,
     description="your own labelled text: --data-file FILE.csv|.tsv|.jsonl --text-column --label-column",
     fetch=no_raw, locate=lambda data_dir=None: "--data-file (your own)", load=load_text_file,
-    options=("data_file", "text_column", "label_column", "vocab_size", "max_len"),
+    options=OPTIONS,
 ))

@@ -11,6 +11,12 @@
    100, as in the classic Keras IMDB example.
 The vocabulary and ``max_len`` are kept in the data state (``bundle.state["tokenizer"]``),
 which an artifact's manifest stores, so ``evaluate`` and later steps encode text the same way.
+
+With ``--tokenizer hf:...`` (what ``train hf:...`` passes), the Hugging Face model's own fast
+tokenizer (``HFTokenizer``, name ``hf``) is used instead: its ``tokenizer.json`` is kept whole in the
+data state, so evaluation encodes with it offline, without the model folder. Texts get the
+model's special tokens, are truncated to ``max_len`` ids (default 128) and right-padded with the
+tokenizer's padding id (its end-of-text id where it has none, as for GPT-2).
 """
 
 from __future__ import annotations
@@ -77,12 +83,22 @@ class Tokenizer:
     def digest(self) -> str:
         return hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
     def to_state(self, requested_vocab: int) -> dict:
         return {"name": TOKENIZER, "vocab_size": requested_vocab, "max_len": self.max_len,
                 "vocab": list(self.vocab)}
 
     @classmethod
     def from_state(cls, d: dict) -> "Tokenizer":
+        if isinstance(d, dict) and d.get("name") == HF_TOKENIZER:
+            from dlkit.errors import IncompatibleError
+
+            raise IncompatibleError("this text is encoded by a Hugging Face tokenizer, which export and predict "
+                                    "do not describe yet", hint="use evaluate, or the folder's tokenizer.json with "
+                                    "transformers")
         try:
             if d.get("name") != TOKENIZER:
                 raise ValueError(f"unknown tokenizer {d.get('name')!r}")
@@ -94,6 +110,86 @@ class Tokenizer:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(f"the saved tokenizer is malformed ({err})",
                             hint="the artifact may be damaged; retrain it") from None
+
+
+HF_TOKENIZER = "hf"
+DEFAULT_HF_MAX_LEN = 128
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (``tokenizer.json``), truncating and padding to ``max_len``."""
+
+    vocab: list[str] = []  # the vocabulary lives in ``json``
+
+    def __init__(self, source: str, json_text: str, max_len: int, pad_id: int):
+        from dlkit.extras import require
+
+        tokenizers = require("tokenizers", "Hugging Face tokenizers", "hf")
+        self.source, self.json, self.max_len, self.pad_id = source, json_text, int(max_len), int(pad_id)
+        self._tok = tokenizers.Tokenizer.from_str(json_text)
+        self._tok.no_padding()
+        self._tok.enable_truncation(self.max_len)
+
+    @classmethod
+    def from_model(cls, name: str, max_len: int = DEFAULT_HF_MAX_LEN) -> "HFTokenizer":
+        from dlkit.hf import load_tokenizer
+
+        tok = load_tokenizer(name)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(name, tok.backend_tokenizer.to_str(), max_len, pad if pad is not None else 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.max_len}:{self.pad_id}:{self.json}".encode()).hexdigest()
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        out = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int64)
+        truncated = 0
+        for i, enc in enumerate(self._tok.encode_batch([_BREAK.sub(" ", t) for t in texts])):
+            truncated += bool(enc.overflowing)
+            out[i, : len(enc.ids)] = enc.ids
+        return out, truncated
+
+    def to_state(self, requested_vocab=None) -> dict:
+        return {"name": HF_TOKENIZER, "source": self.source, "max_len": self.max_len, "pad_id": self.pad_id,
+                "vocab_size": self.vocab_size, "sha256": hashlib.sha256(self.json.encode()).hexdigest(),
+                "tokenizer_json": self.json}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "HFTokenizer":
+        try:
+            text = d["tokenizer_json"]
+            if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != d["sha256"]:
+                raise ValueError("tokenizer.json does not match its checksum")
+            return cls(str(d.get("source", "")), text, int(d["max_len"]), int(d["pad_id"]))
+        except (KeyError, TypeError, ValueError, Exception) as err:  # tokenizers raises its own types
+            raise DataError(f"the saved Hugging Face tokenizer is malformed ({err})",
+                            hint="the artifact may be damaged; retrain it") from None
+
+
+def make_tokenizer(options: dict, texts_train) -> tuple["Tokenizer | HFTokenizer", int | None]:
+    """A new tokenizer for a dataset's options (``tokenizer``: ``words`` or ``hf:NAME``) and the
+    vocabulary size to record; the word tokenizer is built on ``texts_train``."""
+    name = options.get("tokenizer") or TOKENIZER
+    vocab_size, max_len = tokenizer_options(options)
+    if name.startswith("hf:"):
+        return HFTokenizer.from_model(name, options.get("max_len") or DEFAULT_HF_MAX_LEN), None
+    return Tokenizer.build(texts_train, vocab_size, max_len), vocab_size
+
+
+def check_tokenizer_option(options: dict) -> None:
+    name = options.get("tokenizer")
+    if name in (None, TOKENIZER, "words"):
+        return
+    if not isinstance(name, str) or not name.startswith("hf:"):
+        raise UsageError(f"--tokenizer {name!r} is not known", hint="use words, or hf:NAME (a model's own tokenizer)")
+    if options.get("vocab_size") is not None:
+        raise UsageError("--vocab-size is for the word tokenizer; a Hugging Face tokenizer has its own vocabulary",
+                         hint="drop --vocab-size")
 
 
 def _int_option(options: dict, key: str, default: int, minimum: int) -> int:
@@ -114,6 +210,8 @@ def tokenizer_options(options: dict) -> tuple[int, int]:
 
 def saved_tokenizer(state: dict, options: dict) -> Tokenizer:
     """The tokenizer a data state holds; options that disagree with it are ignored, with a warning."""
+    if (state.get("tokenizer") or {}).get("name") == HF_TOKENIZER:
+        return HFTokenizer.from_state(state["tokenizer"])
     tok = Tokenizer.from_state(state.get("tokenizer") or {})
     for key, saved in (("max_len", tok.max_len), ("vocab_size", state["tokenizer"].get("vocab_size"))):
         if options.get(key) not in (None, saved):
