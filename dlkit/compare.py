@@ -8,6 +8,12 @@ number is also given as a ratio to the first artifact.
 An ONNX export folder (``dlkit export``, float or ``--quantize``d) is a row too: ONNX Runtime runs
 it in the same rounds, with as many threads as PyTorch gets; its accuracy comes from its own logits
 on the test split, its counts from the artifact it was exported from, its size is its file's.
+
+A model that is not an artifact is a row too: the user's ``file.py:Name``, a registry preset (its
+native shape, weights freshly initialised) or an ``hf:`` model, resolved as ``dlkit profile``
+resolves it (``--input-shape``, ``--input-dtype``, ``--vocab-size``, ``--set``). It has no data, so
+no accuracy: it is measured on its random example input, and left out of the Pareto fronts and of
+``--fail-under``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ METRICS = ("accuracy", "macro_f1")  # what --fail-under can check (higher is bet
 
 @dataclass
 class Row:
-    artifact: str
+    artifact: str  # the artifact's folder, or the model as named (file.py:Name, a preset, hf:...)
     model: str
     dataset: str | None
-    step: str  # the last step of its lineage: train, prune, quantize
-    accuracy: float
-    macro_f1: float
+    step: str  # the last step of its lineage (train, prune, quantize, export), or the kind of model
+    accuracy: float | None  # None: a model without data (not an artifact)
+    macro_f1: float | None
     params: int
     macs: int
     size_bytes: int
@@ -84,6 +90,11 @@ class CompareOptions:
     floors: dict[str, float] = field(default_factory=dict)  # metric -> the least value that passes
     data_dir: str | None = None
     device: str = "cpu"
+    # Models that are not artifacts (file.py:Name, presets, hf:): their inputs and arguments, as in profile.
+    input_shape: str | None = None
+    input_dtype: str | None = None
+    vocab_size: int | None = None
+    overrides: dict | None = None
 
     def validate(self) -> "CompareOptions":
         if self.rounds < 1:
@@ -97,28 +108,39 @@ class CompareOptions:
 
 
 def compare_artifacts(paths: list[Path | str], opts: CompareOptions | None = None) -> CompareResult:
-    from dlkit import artifacts
     from dlkit.device import resolve_device
 
     opts = (opts or CompareOptions()).validate()
     if not paths:
         raise UsageError("compare needs at least one artifact")
     dev = resolve_device(opts.device)
-    sources = [_source(Path(p)) for p in paths]
+    bare = [str(p) for p in paths if _is_model(str(p))]
+    if opts.floors and bare:
+        raise UsageError(f"--fail-under checks test metrics, which {bare[0]} has no data for",
+                         hint="compare artifacts only (dlkit train makes one), or drop --fail-under")
+    if opts.overrides and not bare:
+        raise UsageError("--set passes arguments to models that are not artifacts; there are none here",
+                         hint="drop --set")
+    sources = [_source(str(p), opts) for p in paths]
     rows = _measure(sources, opts, dev)
     first = rows[0]
     for row in rows:
         row.ratios = {
-            "accuracy": row.accuracy / first.accuracy if first.accuracy else float("nan"),
+            "accuracy": (row.accuracy / first.accuracy if first.accuracy else float("nan"))
+            if row.accuracy is not None and first.accuracy is not None else None,
             "params": row.params / first.params if first.params else float("nan"),
             "macs": row.macs / first.macs if first.macs else float("nan"),
             "size": row.size_bytes / first.size_bytes if first.size_bytes else float("nan"),
             **{f"speedup_b{b}": first.latency_ms[b] / row.latency_ms[b] for b in opts.batches},
         }
     big = max(opts.batches)
-    for key, costs in (("latency", [r.latency_ms[big] for r in rows]), ("size", [r.size_bytes for r in rows])):
-        for row, on in zip(rows, pareto(list(zip(costs, [r.accuracy for r in rows])))):
+    scored = [r for r in rows if r.accuracy is not None]
+    for key, costs in (("latency", [r.latency_ms[big] for r in scored]), ("size", [r.size_bytes for r in scored])):
+        for row, on in zip(scored, pareto(list(zip(costs, [r.accuracy for r in scored])))):
             row.pareto[key] = on
+    for row in rows:
+        if row.accuracy is None:
+            row.pareto = {"latency": False, "size": False}
     failures = []
     for metric, floor in opts.floors.items():
         for row in rows:
@@ -138,7 +160,14 @@ def _measure(sources, opts: CompareOptions, dev) -> list[Row]:
     big = max(opts.batches)
     samples: dict[tuple, object] = {}
     subjects, evals = [], []
-    for art, exported, _ in sources:
+    for src in sources:
+        art, exported = src.art, src.exported
+        if src.target is not None:  # a model without data: its own example input, no accuracy
+            tgt = src.target
+            model = tgt.real if tgt.real is not None else tgt.build("cpu")
+            evals.append(None)
+            subjects.append(Subject(model, tgt.example(big, "cpu"), tgt.precision, input_shape=tgt.input_shape))
+            continue
         model = artifacts.load_model(art)
         key = (art.dataset, art.spec.input_shape)
         if key not in samples:
@@ -155,14 +184,52 @@ def _measure(sources, opts: CompareOptions, dev) -> list[Row]:
     measured = measure_models(subjects, device=dev, batches=tuple(opts.batches), repeats=opts.rounds,
                               threads=opts.threads)
     rows = []
-    for (art, exported, step), ev, m in zip(sources, evals, measured):
-        rows.append(Row(str(exported or art.path), art.model_name, art.dataset, step,
+    for src, ev, m in zip(sources, evals, measured):
+        if src.target is not None:
+            rows.append(Row(src.label, src.target.name, None, src.step, None, None, m.params, m.macs,
+                            m.size_bytes, dict(m.latency_ms), runtime=m.runtime))
+            continue
+        rows.append(Row(str(src.exported or src.art.path), src.art.model_name, src.art.dataset, src.step,
                         ev.accuracy, ev.macro_f1, m.params, m.macs, m.size_bytes, dict(m.latency_ms),
                         runtime=m.runtime))
     return rows
 
 
-def _source(path: Path):
+@dataclass
+class _Source:
+    """One row to measure: an artifact (``art``; ``exported``: its ONNX export folder) or a model
+    without data (``target``: a resolved profile target)."""
+
+    label: str
+    step: str
+    art: object = None
+    exported: Path | None = None
+    target: object = None
+
+
+def _is_model(text: str) -> bool:
+    """Whether ``text`` names a model that is not an artifact: file.py:Name, hf:..., a preset."""
+    from dlkit.models import MODELS
+    from dlkit.profiling.target import target_kind
+
+    kind = target_kind(text)
+    return kind in ("module", "hf") or (kind == "registry" and text in MODELS)
+
+
+def _source(text: str, opts: CompareOptions) -> _Source:
+    """An artifact, an ONNX export folder or a model named as ``dlkit profile`` takes it."""
+    from dlkit.profiling.target import resolve_target, target_kind
+
+    if _is_model(text):
+        kind = target_kind(text)
+        tgt, _ = resolve_target(text, input_shape=opts.input_shape, input_dtype=opts.input_dtype,
+                                vocab_size=opts.vocab_size, overrides=opts.overrides)
+        return _Source(text, kind, target=tgt)
+    art, exported, step = _artifact_source(Path(text))
+    return _Source(str(exported or art.path), step, art=art, exported=exported)
+
+
+def _artifact_source(path: Path):
     """(artifact, None, its last step) for an artifact; (the artifact it came from, folder, "export" or
     "export int8-MODE") for an ONNX export folder, whose accuracy and counts need that artifact's data
     and model (the weights must be the same)."""
@@ -230,17 +297,21 @@ def plot_compare(result: CompareResult, path: Path) -> None:
     from dlkit.output import save_figure
 
     big = max(result.batches)
+    rows = [r for r in result.rows if r.accuracy is not None]  # models without data have no accuracy
+    if not rows:
+        raise UsageError("--plot draws accuracy against cost, and none of these has test data",
+                         hint="compare artifacts (dlkit train makes one), or drop --plot")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, xs, label in (
-        (axes[0], "latency", [r.latency_ms[big] for r in result.rows], f"latency at batch {big} (ms, median)"),
-        (axes[1], "size", [r.size_bytes / 1e6 for r in result.rows], "size on disk (MB)"),
+        (axes[0], "latency", [r.latency_ms[big] for r in rows], f"latency at batch {big} (ms, median)"),
+        (axes[1], "size", [r.size_bytes / 1e6 for r in rows], "size on disk (MB)"),
     ):
-        ys = [100 * r.accuracy for r in result.rows]
-        front = sorted((x, y) for x, y, r in zip(xs, ys, result.rows) if r.pareto[key])
+        ys = [100 * r.accuracy for r in rows]
+        front = sorted((x, y) for x, y, r in zip(xs, ys, rows) if r.pareto[key])
         ax.scatter(xs, ys, color="tab:gray", zorder=2)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", marker="o", zorder=3,
                 label="Pareto front")
-        for x, y, r in zip(xs, ys, result.rows):
+        for x, y, r in zip(xs, ys, rows):
             ax.annotate(f"{Path(r.artifact).name} ({r.step})", (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
         ax.set_xlabel(label)
@@ -262,7 +333,11 @@ def to_csv(result: CompareResult) -> str:
     w.writerow(["artifact", "model", "step", "accuracy", "macro_f1", "params", "macs", "size_bytes", *lat,
                 *[f"ratio_{k}" for k in result.rows[0].ratios], "runtime"])
     for r in result.rows:
-        w.writerow([r.artifact, r.model, r.step, f"{r.accuracy:.6f}", f"{r.macro_f1:.6f}", r.params, r.macs,
+        w.writerow([r.artifact, r.model, r.step, _fmt(r.accuracy, 6), _fmt(r.macro_f1, 6), r.params, r.macs,
                     r.size_bytes, *[f"{r.latency_ms[b]:.4f}" for b in result.batches],
-                    *[f"{v:.4f}" for v in r.ratios.values()], r.runtime])
+                    *[_fmt(v, 4) for v in r.ratios.values()], r.runtime])
     return buf.getvalue()
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dlkit.choices import PRECISIONS, PREDICT_RUNTIMES, PROFILE_OPTIMIZERS
+from dlkit.choices import INPUT_DTYPES, PRECISIONS, PREDICT_RUNTIMES, PROFILE_OPTIMIZERS
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, err, fmt_int, handle_errors, show
 
 INPUT = "Input"
@@ -32,20 +32,23 @@ def fmt_count(n: float | int) -> str:
 @handle_errors
 def profile(
     target: Annotated[Optional[str], typer.Argument(
-        help="Registry name (`dlkit models`), artifact folder (- reads it from stdin), or "
-             "path/to/file.py:ClassName (with --input-shape).")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Size the input like this dataset "
-                                                   "[default: the model's own].", rich_help_panel=INPUT)] = None,
+        help="Registry name (`dlkit models`), artifact folder (- reads it from stdin), hf:DIR or hf:ORG/NAME, "
+             "or your own path/to/file.py:Name (a class or factory function; with --input-shape).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Registry presets: adapt the model to "
+                                                   "this dataset's shape and classes [default: its native shape, "
+                                                   "e.g. ImageNet for vgg16].", rich_help_panel=INPUT)] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Input shape, e.g. 1,3,224,224 (batch first; for a "
                                                        "registry model C,H,W or L also works).",
                                                        rich_help_panel=INPUT)] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Text models: tokens per sample.", rich_help_panel=INPUT)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Text models and token inputs (--input-dtype long): tokens "
+                                                   "per sample.", rich_help_panel=INPUT)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Samples per batch [default: the shape's, else the "
                                                       "model's training batch].", rich_help_panel=INPUT)] = None,
     preset: Annotated[Optional[str], typer.Option(help="A registry preset to profile (the same as giving it as "
                                                   "TARGET).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Model config override key=value, "
-                                                      "e.g. --set lm_head=true for gpt2's language model.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="key=value: a registry model's config "
+                                                      "field, or a keyword argument of file.py:Name (typed from "
+                                                      "its signature), e.g. --set n_layer=4.")] = None,
     depth: Annotated[int, typer.Option(help="Module table depth (0: the model only).")] = 2,
     training: Annotated[bool, typer.Option("--training", help="Also one training step: forward+backward FLOPs, "
                                            "gradients, optimizer state.")] = False,
@@ -61,6 +64,12 @@ def profile(
     runtime: Annotated[Literal[PREDICT_RUNTIMES], typer.Option(
         help="What runs the timed passes: torch, or onnxruntime (the model exported to ONNX, checked against "
              "PyTorch, on the CPU; registry models and artifacts). Counts and memory are PyTorch's.")] = "torch",
+    input_dtype: Annotated[Optional[Literal[INPUT_DTYPES]], typer.Option(
+        help="file.py:Name: feed float tensors or token ids (long) [default: float].",
+        rich_help_panel=INPUT)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        help="Token ids are drawn below this [default: the model's first nn.Embedding; a text preset's own].",
+        rich_help_panel=INPUT)] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -75,7 +84,7 @@ def profile(
     target, opts = step.build(target, dataset=dataset, input_shape=input_shape, seq_len=seq_len,
                               batch_size=batch_size, preset=preset, set_=set_, depth=depth, training=training,
                               optimizer=optimizer, precision=precision, latency=latency, measure=measure,
-                              device=device, runtime=runtime)
+                              device=device, runtime=runtime, input_dtype=input_dtype, vocab_size=vocab_size)
     res = step.run(target, opts, StepHooks())
     show(res, _report, quiet=quiet, json=json)
 
@@ -148,5 +157,20 @@ def _report(res) -> None:
         for r in res.latency:
             lt.add_row(str(r.batch), f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.samples_per_s:,.1f}", str(r.runs))
         err.print(lt)
+    if res.lm:
+        _lm_report(res.lm)
     for note in res.notes:
         err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+def _lm_report(lm: dict) -> None:
+    """A language model's cost per token: MACs, KV cache, prefill and decode speed."""
+    train = lm["training_macs_per_token"]
+    err.print(f"language model: {fmt_count(lm['macs_per_token'])} MACs per token forward"
+              + (f", {fmt_count(train)} per token trained" if train else "")
+              + f"; KV cache {fmt_bytes(lm['kv_cache_bytes_per_token'])} per token ({lm['kv_cache_dtype']}), "
+              f"{fmt_bytes(lm['kv_cache_bytes_per_sequence'])} for {lm['seq_len']} tokens", highlight=False)
+    if lm["prefill"] and lm["decode"]:
+        err.print(f"prefill {lm['seq_len']} tokens: {lm['prefill']['median_ms']:.2f} ms "
+                  f"({lm['prefill']['tokens_per_s']:,.0f} tokens/s); decode one token: "
+                  f"{lm['decode']['median_ms']:.2f} ms ({lm['decode']['tokens_per_s']:,.0f} tokens/s)", highlight=False)

@@ -2,9 +2,11 @@
 
 The bare ``BertModel`` (word, position and token-type embeddings with their LayerNorm, 12 post-norm
 layers, the tanh pooler) has 109,482,240 parameters with vocab 30522, 512 positions and 2 token
-types. The registered ``bert-base`` adds ``head``, a linear classifier on the pooled [CLS] (first)
-token: ``768 * classes + classes`` more parameters. Token id 0 is padding (BERT's [PAD]); the
-vocabulary comes from the data (30522 on the ``sst2-bert`` shape).
+types. That is ``bert-base`` with no dataset (its native shape ``bert-pooled``: 512 WordPiece ids in,
+the pooled [CLS] features out, no classifier). With ``--dataset`` it adapts: ``head``, a linear
+classifier on the pooled [CLS] (first) token, takes the data's classes (``768 * classes + classes``
+more parameters), and the word embedding its vocabulary (30522 on the ``sst2-bert`` shape). Token id
+0 is padding (BERT's [PAD]).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class Bert(nn.Module):
         self.blocks = nn.ModuleList(PostNormBlock(cfg, head_dim) for _ in range(cfg.depth))
         self.pooler = nn.Linear(cfg.dim, cfg.dim)
         self.pool_act = nn.Tanh()
-        self.head = nn.Linear(cfg.dim, spec.num_classes)
+        # No classes (the native shape): the pooled features are the output, as BertModel's.
+        self.head = nn.Linear(cfg.dim, spec.num_classes) if spec.num_classes else nn.Identity()
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -100,9 +103,9 @@ SUPPORT = Support(prune="heads", blocks="blocks", kept=("pooler",), widths=Bert.
 
 
 @register_model("bert-base", family="bert", build=Bert, modalities=(TEXT,), default_dataset="sst2-bert",
-                support=SUPPORT,
+                support=SUPPORT, native="bert-pooled",
                 train_defaults=dict(optimizer="adamw", lr=2e-5, weight_decay=0.01, epochs=3, batch_size=32,
                                     schedule="cosine", warmup=0.1))
 def bert_base() -> BertConfig:
-    """BERT-base uncased encoder (post-norm, pooler) + a linear classifier: 109.5M + head params."""
+    """BERT-base uncased encoder (post-norm, pooler): 109.5M params; a dataset adds its classifier."""
     return BertConfig()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dlkit.config import apply_overrides, from_dict
-from dlkit.errors import IncompatibleError
+from dlkit.errors import IncompatibleError, UsageError
 from dlkit.registry import Registry
 from dlkit.spec import IMAGE, DataSpec
 
@@ -32,8 +32,10 @@ from dlkit.spec import IMAGE, DataSpec
 #             (class token, positions) are (1, tokens, dim) tensors along it.
 #   rnn       the hidden units of the one recurrent cell at attribute ``cell``
 #             (dlkit.compress.rnn_prune), and the inputs of ``head`` with them.
+#   hf        a Hugging Face Transformers model (dlkit.hf.prune): whole attention heads and FFN
+#             width, its HF config updated; ``widths`` returns the new config.
 #   none      not prunable; ``reason`` says why in one line.
-PRUNE_KINDS = ("channels", "heads", "rnn", "none")
+PRUNE_KINDS = ("channels", "heads", "rnn", "hf", "none")
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,14 @@ class ModelEntry:
     # The data shape the name stands for when no dataset is given (profile, models): the published
     # input and head ("imagenet" for vgg16); None means default_dataset's shape.
     native: str | None = None
+    # Set where make_config reads files (hf: names): the config's type, and how a saved config is
+    # rebuilt without them (build_model); None: type(make_config()) and build.
+    config_type: type | None = None
+    rebuild: Callable[[Any, DataSpec], Any] | None = None
 
     @property
     def config_cls(self) -> type:
-        return type(self.make_config())
+        return self.config_type or type(self.make_config())
 
     @property
     def native_dataset(self) -> str:
@@ -161,6 +167,11 @@ def model_entry(name: str) -> ModelEntry:
         from dlkit.hf import model_entry as hf_model_entry
 
         return hf_model_entry(name)
+    if ":" in name and name.rpartition(":")[0].endswith(".py"):  # the user's file.py:Name
+        raise UsageError(f"{name} is your own module: profile and compare take it, but nothing can be trained "
+                         "from it, since an artifact must load without running code from a file",
+                         hint="add the model to dlkit/models/ as a registered family, or train it with your "
+                              "own script")
     return MODELS.get(name)
 
 
@@ -185,4 +196,4 @@ def build_model(name: str, config: dict, spec: DataSpec):
     entry = model_entry(name)
     check_fits(entry, spec)
     cfg = from_dict(entry.config_cls, config)
-    return entry.build(cfg, spec)
+    return (entry.rebuild or entry.build)(cfg, spec)

@@ -171,8 +171,11 @@ SUPPORT = Support(prune="channels", static_int8=True, widths=ResNet.width_overri
 
 
 def _register(dataset: str, train: dict):
-    return register_model(family="resnet", build=ResNet, modalities=(IMAGE,),
-                          default_dataset=dataset, train_defaults=train, support=SUPPORT)
+    # Each preset's native shape is its dataset's: CIFAR-10 for resnet20/56, ImageNet (3x224x224,
+    # 1000 classes) for resnet18/50, which `dlkit train` takes to another dataset with --dataset
+    # (the stem stays ImageNet's; the head takes the data's classes).
+    return register_model(family="resnet", build=ResNet, modalities=(IMAGE,), default_dataset=dataset,
+                          train_defaults=train, support=SUPPORT, native=dataset)
 
 
 @_register("cifar10", CIFAR_TRAIN)

@@ -1,4 +1,12 @@
-"""VGG: stages of 3x3 convs, each followed by a 2x2 max pool, then a dense classifier."""
+"""VGG: stages of 3x3 convs, each followed by a 2x2 max pool, then a dense classifier.
+
+``vgg11`` and ``vgg16`` stand for the published ImageNet networks (``native="imagenet"``: 3x224x224
+input, 7x7 adaptive pooling, classifier 4096-4096-1000; VGG-16 has 138,357,544 parameters, as
+torchvision's). ``--dataset`` adapts them: the classes come from the data, and the head from the
+input size. Images of 224x224 or more keep the ImageNet head; smaller ones (32x32 CIFAR-10, the
+smallest the five pools allow) get the small-input head common for CIFAR (1x1 pooling, one dense
+layer of 512): VGG-16 on CIFAR-10 has 14,982,474 parameters. ``dlkit train vgg16`` trains on CIFAR-10.
+"""
 
 from __future__ import annotations
 
@@ -108,14 +116,14 @@ SUPPORT = Support(prune="channels", static_int8=True, widths=VGG.width_overrides
 
 
 @register_model(family="vgg", build=VGG, modalities=(IMAGE,), default_dataset="cifar10",
-                train_defaults=TRAIN, support=SUPPORT)
+                train_defaults=TRAIN, support=SUPPORT, native="imagenet")
 def vgg11() -> VGGConfig:
     """VGG-11 (configuration A): 8 convs in 5 stages."""
     return VGGConfig(stages=(1, 1, 2, 2, 2), channels=(64, 128, 256, 256, 512, 512, 512, 512))
 
 
 @register_model(family="vgg", build=VGG, modalities=(IMAGE,), default_dataset="cifar10",
-                train_defaults=TRAIN, support=SUPPORT)
+                train_defaults=TRAIN, support=SUPPORT, native="imagenet")
 def vgg16() -> VGGConfig:
     """VGG-16 (configuration D): 13 convs in 5 stages."""
     return VGGConfig()

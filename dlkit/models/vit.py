@@ -82,6 +82,7 @@ SUPPORT = Support(prune="heads", blocks="blocks", kept=("patch",), unwrapped=("c
 
 
 @register_model("vit-b16", family="vit", build=ViT, modalities=(IMAGE,), default_dataset="imagenet", support=SUPPORT,
+                native="imagenet",
                 train_defaults=dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=300,
                                     batch_size=256, schedule="cosine", warmup=0.03))
 def vit_b16() -> ViTConfig:
