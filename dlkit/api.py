@@ -23,7 +23,8 @@ from dlkit.engine.distributed import Context, LocalContext, env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
 from dlkit.engine.history import CURVES, HistoryWriter, plot_confusion, plot_curves
 from dlkit.engine.trainer import Observer, TrainConfig, TrainState, fit, resolve_train_config
-from dlkit.errors import Interrupted, UsageError
+from dlkit.errors import IncompatibleError, Interrupted, UsageError
+from dlkit.spec import LM
 
 if TYPE_CHECKING:
     from dlkit.data import DataBundle
@@ -180,7 +181,12 @@ class _Job:
 
         return fit(self.model, self.data.train, self.data.val, self.cfg, device=self.device, seed=self.request.seed,
                    augment=DATASETS.get(self.request.dataset).augment, state=state, optimizer_state=opt_state,
-                   dist=self.ctx, **kw)
+                   dist=self.ctx, seq_len=self.seq_len, **kw)
+
+    @property
+    def seq_len(self) -> int | None:
+        """A language model's window (it trains on random windows of the text); None for classifiers."""
+        return self.data.spec.input_shape[0] if self.data.spec.task == LM else None
 
 
 def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, observer: Observer | None,
@@ -196,6 +202,7 @@ def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, o
     data = _load_data(request, ctx, download_progress)
     torch.manual_seed(request.seed)
     model, model_cfg = create_model(request.model, data.spec, request.overrides)
+    _check_task(request.model, model, data)
     run = _Job(request, cfg, ctx, device, final, data, model, model_cfg)
     state, opt_state = _resume(run) if request.resume else _begin(run)
     if not ctx.is_main:
@@ -243,6 +250,14 @@ def _begin(run: _Job) -> tuple[None, None]:
     return None, None
 
 
+def _check_task(name: str, model: torch.nn.Module, data: DataBundle) -> None:
+    from dlkit.lm.generate import is_language_model
+
+    if data.spec.task == LM and not is_language_model(model):
+        raise IncompatibleError(f"model '{name}' is not a language model, which '{data.name}' data trains",
+                                hint="use gpt-mini, gpt2 or an hf: causal language model")
+
+
 def _warn_emulated_bf16(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.precision == "bf16" and not native_bf16(device):
         log.warning("warning: this %s has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and runs "
@@ -256,10 +271,21 @@ def _load_data(request: TrainRequest, ctx: Context, download_progress) -> DataBu
     if ctx.local_rank != 0:
         ctx.barrier()
     data = load_dataset(request.dataset, data_dir=request.data_dir, val_fraction=request.val_fraction,
-                        seed=request.seed, progress=download_progress, options=request.data_options)
+                        seed=request.seed, progress=download_progress, options=_data_options(request))
     if ctx.local_rank == 0:
         ctx.barrier()
     return data
+
+
+def _data_options(request: TrainRequest) -> dict:
+    """The dataset's options; text for an hf: model is encoded with the model's own tokenizer."""
+    from dlkit.data import DATASETS
+
+    options = dict(request.data_options)
+    if request.model.startswith("hf:") and "tokenizer" in (DATASETS.get(request.dataset).options or ()):
+        if options.get("tokenizer") in (None, "hf"):
+            options["tokenizer"] = request.model
+    return options
 
 
 def _resume(run: _Job) -> tuple[TrainState, dict]:
@@ -358,6 +384,8 @@ def _class_names(data: DataBundle) -> list:
 def _final_metrics(run: _Job, state: TrainState) -> tuple[EvalResult | None, EvalResult, dict]:
     """Evaluate the trained model on validation (if any) and test: (val, test, metrics)."""
     data, cfg = run.data, run.cfg
+    if data.spec.task == LM:
+        return _final_lm_metrics(run, state)
     channels_last = prepare_inference(run.model, run.device, data.spec.input_shape)
     kw = dict(class_names=_class_names(data), batch_size=cfg.eval_batch_size, device=run.device,
               precision=cfg.precision, channels_last=channels_last)
@@ -368,6 +396,40 @@ def _final_metrics(run: _Job, state: TrainState) -> tuple[EvalResult | None, Eva
         metrics.update(val_accuracy=val.accuracy, val_loss=val.loss)
     metrics["train_seconds"] = sum(r["epoch_seconds"] for r in state.history)
     metrics["samples_per_s"] = state.history[-1]["samples_per_s"]
+    return val, test, metrics
+
+
+def _lm_results(model, data: DataBundle, splits: tuple[str, ...], *, batch_size: int, device, precision: str) -> dict:
+    """LMResult per split (skipping empty ones), bits per the data's unit."""
+    from dlkit.lm.evaluate import evaluate_lm
+
+    out: dict = {}
+    seen: dict = {}  # the test split is often the validation text itself: scored once
+    for split in splits:
+        x, y = getattr(data, split)
+        if id(x) in seen:
+            out[split] = dataclasses.replace(seen[id(x)], split=split)
+        elif len(x):
+            out[split] = seen[id(x)] = evaluate_lm(
+                model, x, y, split=split, counts=data.state.get("splits", {}).get(split),
+                unit=data.state.get("unit", "char"), batch_size=batch_size, device=device, precision=precision)
+    return out
+
+
+def _final_lm_metrics(run: _Job, state: TrainState):
+    """A language model's loss, perplexity and bits per character (or byte) on validation and test."""
+    run.model.to(run.device)
+    res = _lm_results(run.model, run.data, ("val", "test"), batch_size=max(1, min(run.cfg.eval_batch_size, 256)),
+                      device=run.device, precision=run.cfg.precision)
+    val, test = res.get("val"), res["test"]
+    metrics = {f"test_{k}": v for k, v in test.summary().items()}
+    metrics["test_accuracy"] = test.accuracy
+    if val is not None:
+        metrics.update({f"val_{k}": v for k, v in val.summary().items()})
+    metrics["train_seconds"] = sum(r["epoch_seconds"] for r in state.history)
+    metrics["tokens_per_s"] = sum(r["samples_per_s"] * r["epoch_seconds"] for r in state.history) / max(
+        metrics["train_seconds"], 1e-9)
+    metrics["steps"] = state.step
     return val, test, metrics
 
 
@@ -388,6 +450,8 @@ def _manifest(run: _Job, metrics: dict, ddp: dict | None) -> dict:
 def _plots(run: _Job, state: TrainState, test: EvalResult) -> None:
     name = run.request.model
     plot_curves(state.history, run.work / CURVES, f"{name} on {run.request.dataset}")
+    if run.data.spec.task == LM:
+        return  # no classes, no confusion matrix
     plot_confusion(test.confusion, _class_names(run.data), run.work / "confusion.png", f"{name}: test confusion")
 
 
@@ -448,6 +512,8 @@ def evaluate_artifact(path: Path | str, opts: EvaluateOptions | None = None, *,
     artifact on every row of another file with the same columns."""
     opts = (opts or EvaluateOptions()).validate()
     art = artifacts.read_artifact(path)
+    if art.spec.task == LM:
+        return _evaluate_lm(art, opts, download_progress)
     name = opts.dataset or ("text-csv" if opts.data_file else None)
     dev = resolve_device(opts.device)
     if any(t.get("cpu_only") for t in art.manifest["model"].get("transforms", [])):
@@ -472,26 +538,68 @@ def evaluate_artifact(path: Path | str, opts: EvaluateOptions | None = None, *,
     return EvaluateResult(art.path, art.model_name, name, result, str(dev), opts.plot)
 
 
+def _evaluate_lm(art: artifacts.Artifact, opts: EvaluateOptions, download_progress) -> EvaluateResult:
+    """A language model: loss, perplexity and bits per character (byte) on its validation or test
+    text, or on all of ``opts.data_file`` encoded with its own tokenizer."""
+    from dlkit.data.textlm import text_as_test
+
+    if opts.plot is not None:
+        raise UsageError("--plot draws a confusion matrix, which a language model has not",
+                         hint="drop --plot")
+    dev = resolve_device(opts.device)
+    if any(t.get("cpu_only") for t in art.manifest["model"].get("transforms", [])):
+        dev = torch.device("cpu")
+    model = artifacts.load_model(art)
+    if opts.data_file:
+        data = text_as_test(opts.data_file, art.manifest["data"].get("state") or {})
+    else:
+        data = artifacts.load_data(art, why="evaluation", dataset=opts.dataset, data_dir=opts.data_dir,
+                                   progress=download_progress)
+    if data.spec.vocab_size != art.spec.vocab_size:
+        raise UsageError(f"'{data.name}' is tokenized into {data.spec.vocab_size} ids, {art.path} predicts "
+                         f"{art.spec.vocab_size}", hint="evaluate on text the artifact's tokenizer encodes")
+    if opts.split == "train":
+        raise UsageError("a language model's training split is one stream of text, not windows to evaluate",
+                         hint="use --split val or test")
+    model.to(dev)
+    res = _lm_results(model, data, (opts.split,), batch_size=opts.batch_size, device=dev, precision=art.precision)
+    if opts.split not in res:
+        raise UsageError(f"the {opts.split} split of '{data.name}' is empty", hint="choose another --split")
+    return EvaluateResult(art.path, art.model_name, data.name, res[opts.split], str(dev))
+
+
 def list_models(pattern: str = "*") -> list[dict]:
-    """Every registered model with its parameter count on its default data (built on meta: no memory)."""
+    """Every registered model: what its name stands for (``native_dataset``: the shape and head it
+    has with no dataset, and ``params`` there) and how it adapts (``default_dataset``: what ``dlkit
+    train`` uses without --dataset, and ``default_params`` on it). Built on meta: no memory."""
+    from dlkit.data import DATASETS, spec_for
     from dlkit.errors import DlkitError
     from dlkit.models import MODELS
-    from dlkit.data import spec_for
     from dlkit.models.registry import create_model
+
+    def count(name: str, dataset: str) -> tuple[int | None, str | None]:
+        try:
+            with torch.device("meta"):
+                model, _ = create_model(name, spec_for(dataset))
+        except DlkitError as exc:
+            return None, exc.message
+        return sum(p.numel() for p in model.parameters()), None  # tied weights counted once
 
     rows = []
     for name in MODELS.names(pattern):
         entry = MODELS.get(name)
-        row = {"name": name, "family": entry.family, "modalities": list(entry.modalities),
-               "default_dataset": entry.default_dataset, "description": entry.description,
-               "train_defaults": entry.train_defaults, "params": None, "error": None}
-        try:
-            with torch.device("meta"):
-                model, _ = create_model(name, spec_for(entry.default_dataset))
-            row["params"] = sum(p.numel() for p in model.parameters())
-        except DlkitError as exc:
-            row["error"] = exc.message
-        rows.append(row)
+        native = spec_for(entry.native_dataset)
+        shape = "x".join(map(str, native.input_shape))
+        describe = native.describe() if native.num_classes else \
+            f"{native.modality} {shape} tokens, vocab {native.vocab_size}, its features (no classifier)"
+        params, error = count(name, entry.native_dataset)
+        trained, train_error = (params, error) if entry.default_dataset == entry.native_dataset \
+            else count(name, entry.default_dataset)
+        rows.append({"name": name, "family": entry.family, "modalities": list(entry.modalities),
+                     "description": entry.description, "native_dataset": entry.native_dataset,
+                     "native": {**native.to_dict(), "describe": describe}, "params": params, "error": error,
+                     "default_dataset": entry.default_dataset, "trainable_default": entry.default_dataset in DATASETS,
+                     "default_params": trained, "default_error": train_error, "train_defaults": entry.train_defaults})
     return rows
 
 

@@ -5,8 +5,11 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PROFILE_OPTIMIZERS = (*OPTIMIZERS, "none")  # whose state a profiled training step holds
+INPUT_DTYPES = ("float", "long")  # profile/compare file.py:Name: float tensors or token ids (int64)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 SPLITS = ("train", "val", "test")
+# dlkit train --dataset text-lm: char, bpe, or hf (the hf: model's own; hf:NAME names another's)
+TOKENIZERS = ("char", "bpe", "hf")
 # dlkit prune
 IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random")
 # dlkit quantize

@@ -92,4 +92,11 @@ STANDARD_SPECS: dict[str, DataSpec] = {
     # SST-2 sentences as BERT's WordPiece ids (bert-base) and as GPT-2's BPE ids (gpt2).
     "sst2-bert": DataSpec(TEXT, (128,), 2, vocab_size=30522),
     "sst2-gpt2": DataSpec(TEXT, (128,), 2, vocab_size=50257),
+    # Language modelling with GPT-2's BPE: its full context of 1024 tokens (gpt2's native shape).
+    "gpt2-lm": DataSpec(TEXT, (1024,), 50257, vocab_size=50257, task=LM),
+    # Tiny Shakespeare as characters (65 of them) in windows of 64: nanoGPT's CPU example (gpt-mini).
+    "tinyshakespeare": DataSpec(TEXT, (64,), 65, vocab_size=65, task=LM),
+    # BERT's own output, as published: the pooled [CLS] features of its full context of 512 WordPiece
+    # ids (bert-base's native shape). num_classes 0: no classifier head.
+    "bert-pooled": DataSpec(TEXT, (512,), 0, vocab_size=30522),
 }

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Optional
 
 from dlkit.choices import DEVICES, IMPORTANCES, OPTIMIZERS, PRECISIONS, PROFILE_OPTIMIZERS, QUANT_BACKENDS, \
     QUANT_MODES, SCHEDULES, SPLITS
+from dlkit.choices import INPUT_DTYPES
 from dlkit.choices import EXPORT_FORMATS, ONNX_QUANT_MODES, PREDICT_RUNTIMES
 from dlkit.choices import EXPLAIN_BASELINES, EXPLAIN_METHODS
 from dlkit.errors import DlkitError, UsageError
@@ -94,17 +95,24 @@ def train_request(source: None, *, model: str, dataset: Optional[str] = None, da
                   warmup: Optional[float] = None, grad_clip: Optional[float] = None,
                   label_smoothing: Optional[float] = None, precision: Optional[Literal[PRECISIONS]] = None,
                   augment: Optional[bool] = None, out: Optional[Path] = None, resume: bool = False,
-                  device: Literal[DEVICES] = "auto", seed: int = 0):
+                  device: Literal[DEVICES] = "auto", seed: int = 0, test_file: Optional[Path] = None,
+                  tokenizer: Optional[str] = None, seq_len: Optional[int] = None, max_steps: Optional[int] = None,
+                  eval_every: Optional[int] = None, eval_batches: Optional[int] = None):
     """``dlkit train``'s options -> (None, TrainRequest). Train takes no input."""
     from dlkit.api import TrainRequest
     from dlkit.config import parse_assignments
 
     options = dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                    momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip,
-                   label_smoothing=label_smoothing, precision=precision, augment=augment)
+                   label_smoothing=label_smoothing, precision=precision, augment=augment, max_steps=max_steps,
+                   eval_every=eval_every, eval_batches=eval_batches)
+    if tokenizer == "hf" and model.startswith("hf:"):
+        tokenizer = model  # the hf: model's own tokenizer
     data_options = {k: v for k, v in dict(
         data_file=str(data_file.expanduser().resolve()) if data_file else None, text_column=text_column,
-        label_column=label_column, vocab_size=vocab_size, max_len=max_len).items() if v is not None}
+        label_column=label_column, vocab_size=vocab_size, max_len=max_len,
+        test_file=str(test_file.expanduser().resolve()) if test_file else None, tokenizer=tokenizer,
+        seq_len=seq_len).items() if v is not None}
     request = TrainRequest(model=model, dataset=_train_dataset(model, dataset, data_file),
                            overrides=parse_assignments(set_), options=options, data_dir=_path_str(data_dir),
                            val_fraction=val_fraction, out=out, resume=resume, seed=seed, device=device,
@@ -112,13 +120,18 @@ def train_request(source: None, *, model: str, dataset: Optional[str] = None, da
     return None, request
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson")
+
+
 def _train_dataset(model: str, dataset: str | None, data_file: Path | None) -> str:
-    """The dataset to train on: --data-file means text-csv; none given means the model's own."""
+    """The dataset to train on: --data-file means text-csv for a table (.csv, .tsv, .jsonl) and
+    text-lm for text (a .txt file or a folder); none given means the model's own."""
     if data_file is not None:
-        if dataset not in (None, "text-csv"):
-            raise UsageError(f"--data-file is for dataset text-csv, not '{dataset}'",
+        implied = "text-csv" if data_file.suffix.lower() in TABLE_SUFFIXES else "text-lm"
+        if dataset not in (None, "text-csv", "text-lm"):
+            raise UsageError(f"--data-file is for datasets text-csv and text-lm, not '{dataset}'",
                              hint="drop --dataset, or drop --data-file")
-        return "text-csv"
+        return dataset or implied
     if dataset is not None:
         return dataset
     from dlkit.data import DATASETS
@@ -147,7 +160,8 @@ def profile_options(source: Optional[str], *, dataset: Optional[str] = None, inp
                     optimizer: Literal[PROFILE_OPTIMIZERS] = "adamw",
                     precision: Optional[Literal[PRECISIONS]] = None, latency: bool = True,
                     measure: Optional[bool] = None, device: Literal[DEVICES] = "auto",
-                    runtime: Literal[PREDICT_RUNTIMES] = "torch"):
+                    runtime: Literal[PREDICT_RUNTIMES] = "torch", input_dtype: Optional[Literal[INPUT_DTYPES]] = None,
+                    vocab_size: Optional[int] = None):
     """``dlkit profile``'s options -> (target, ProfileOptions); ``preset`` is another way to name the target."""
     from dlkit.config import parse_assignments
     from dlkit.profiling import ProfileOptions
@@ -160,7 +174,8 @@ def profile_options(source: Optional[str], *, dataset: Optional[str] = None, inp
     return target, ProfileOptions(dataset=dataset, input_shape=input_shape, seq_len=seq_len, batch_size=batch_size,
                                   depth=depth, training=training, optimizer=optimizer, precision=precision,
                                   latency=latency, measure=measure, device=device,
-                                  overrides=parse_assignments(set_) or None, runtime=runtime)
+                                  overrides=parse_assignments(set_) or None, runtime=runtime,
+                                  input_dtype=input_dtype, vocab_size=vocab_size)
 
 
 def prune_options(source: Path | str, *, ratio: Optional[float] = None, target_macs: Optional[float] = None,
@@ -195,17 +210,22 @@ def quantize_options(source: Path | str, *, mode: Literal[QUANT_MODES] = "dynami
 
 
 def compare_options(source: list[Path | str], *, fail_under: Optional[list[str]] = None, batch_size: int = 256,
-                    rounds: int = 10, data_dir: Optional[Path] = None, device: Literal[DEVICES] = "cpu"):
-    """``dlkit compare``'s options -> (artifacts, CompareOptions); batch 1 is always timed.
+                    rounds: int = 10, data_dir: Optional[Path] = None, device: Literal[DEVICES] = "cpu",
+                    input_shape: Optional[str] = None, input_dtype: Optional[Literal[INPUT_DTYPES]] = None,
+                    vocab_size: Optional[int] = None, set_: Optional[list[str]] = None):
+    """``dlkit compare``'s options -> (artifacts or models, CompareOptions); batch 1 is always timed.
+    ``input_shape``, ``input_dtype``, ``vocab_size`` and ``set_`` are for models that are not artifacts.
 
     ``--plot`` and ``--csv`` are renderings the CLI makes of the result (``dlkit.compare``)."""
     from dlkit.compare import CompareOptions, parse_floors
+    from dlkit.config import parse_assignments
 
     if not source:
         raise UsageError("no artifacts to compare", hint="pass folders, or pipe paths into -")
     return [Path(p) for p in source], CompareOptions(batches=tuple(sorted({1, batch_size})), rounds=rounds,
                                                      floors=parse_floors(fail_under), data_dir=_path_str(data_dir),
-                                                     device=device)
+                                                     device=device, input_shape=input_shape, input_dtype=input_dtype,
+                                                     vocab_size=vocab_size, overrides=parse_assignments(set_) or None)
 
 
 def explain_options(source: Path | str, *, method: Literal[EXPLAIN_METHODS] = "ig", samples: int = 8,
@@ -298,6 +318,38 @@ def predict_options(source: Path | str, *, inputs: list[str], top_k: int = 3, ba
     return (source, list(inputs)), opts
 
 
+def generate_options(source: Path | str, *, prompt_from: Optional[str] = None, prompt: Optional[str] = None,
+                     prompt_file: Optional[Path] = None, max_new_tokens: int = 256, temperature: float = 1.0,
+                     top_k: Optional[int] = None, top_p: float = 1.0, num_samples: int = 1, kv_cache: bool = True,
+                     device: Literal[DEVICES] = "auto", seed: int = 0):
+    """``dlkit generate``'s options -> (artifact, GenerateOptions), validated; ``prompt_from`` ``-``
+    reads the prompt from stdin (UTF-8)."""
+    import sys
+
+    from dlkit.lm.generate import GenerateOptions
+
+    if prompt_from is not None:
+        if prompt_from != "-":
+            raise UsageError(f"unexpected argument {prompt_from!r}", hint="give the prompt with --prompt, "
+                             "--prompt-file, or - to read it from stdin")
+        if prompt is not None or prompt_file is not None:
+            raise UsageError("give one prompt: --prompt, --prompt-file or - (stdin)")
+        from dlkit.data.text import decode_utf8
+
+        prompt = decode_utf8(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode(),
+                             Path("<stdin>"))
+    return source, GenerateOptions(prompt=prompt, prompt_file=_path_str(prompt_file), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                   num_samples=num_samples, kv_cache=kv_cache, device=device).validate()
+
+
+def _generate(source, opts, hooks: StepHooks):
+    """``hooks.observer``, when it is callable, receives the text as it is produced (the CLI streams it)."""
+    from dlkit.lm.generate import generate_artifact
+
+    return generate_artifact(source, opts, write=hooks.observer if callable(hooks.observer) else None)
+
+
 def _export(source, opts, hooks: StepHooks):
     from dlkit.export import export_artifact
 
@@ -336,4 +388,9 @@ STEPS: dict[str, StepSpec] = {
                        writes_folder=True),
     "predict": StepSpec(predict_options, _predict, makes_artifact=False, takes_input="one", input_key="target",
                         check=_check_inputs),
+    "generate": StepSpec(generate_options, _generate, makes_artifact=False, takes_input="one", input_key="artifact"),
 }
+
+from dlkit.plan.step import plan_options, run_plan  # noqa: E402 (torch-free)
+
+STEPS["plan"] = StepSpec(plan_options, run_plan, makes_artifact=False, takes_input="one", input_key="target")

@@ -77,4 +77,4 @@ def test_cli_data_file_implies_text_csv_and_evaluate_another_file(data_file, tmp
     doc = json.loads(res.stdout)
     assert doc["samples"] == 40 and doc["accuracy"] >= 0.9 and doc["dataset"] == "text-csv"
     bad = runner.invoke(app, ["train", "lstm", "--dataset", "mnist", "--data-file", str(data_file)])
-    assert bad.exit_code == 2 and "--data-file is for dataset text-csv" in bad.output
+    assert bad.exit_code == 2 and "--data-file is for datasets text-csv and text-lm" in bad.output

@@ -10,6 +10,7 @@ from dlkit.cli import profile
 from dlkit.cli import quantize
 from dlkit.cli import explain
 from dlkit.cli import export, predict
+from dlkit.cli import generate
 
 app = typer.Typer(
     name="dlkit",
@@ -48,6 +49,10 @@ app.command("compare")(compare.compare)
 app.command("explain")(explain.explain)
 app.command("export")(export.export)
 app.command("predict")(predict.predict)
+app.command("generate")(generate.generate)
+from dlkit.cli import plan  # noqa: E402
+
+app.command("plan")(plan.plan)
 app.command("run")(run.run)
 
 

@@ -28,7 +28,9 @@ def evaluate(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix of an artifact.
+    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix of an artifact; for a
+    language model, loss, perplexity and bits per character (byte) on its validation or test text
+    (--data-file: all of another text, encoded with the artifact's tokenizer).
 
     Prints the table on stderr; with --json, one JSON document on stdout.
     """
@@ -51,6 +53,12 @@ def _report(res) -> None:
     from rich.table import Table
 
     r = res.result
+    if hasattr(r, "perplexity"):  # a language model
+        bits = f", {r.bits_per_unit:.4f} bits per {r.unit}" if r.bits_per_unit is not None else ""
+        err.print(f"[bold]{res.model}[/] on {res.dataset} ({r.split}, {r.tokens:,} tokens in {r.windows:,} windows): "
+                  f"loss {r.loss:.4f}, perplexity {r.perplexity:.3f}{bits}, next-token accuracy {fmt_pct(r.accuracy)}",
+                  highlight=False)
+        return
     err.print(f"[bold]{res.model}[/] on {res.dataset} ({r.split}, {r.samples:,} samples): "
               f"accuracy {fmt_pct(r.accuracy)}, loss {r.loss:.4f}, macro F1 {r.macro_f1:.4f}", highlight=False)
     table = Table(title_justify="left")

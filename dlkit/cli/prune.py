@@ -137,6 +137,10 @@ def _report(res) -> None:
               f"{r['speedup_b256']:.2f}x faster" if r["speedup_b256"] else "-")
     t.add_row("val accuracy", acc(b.val_accuracy), acc(a.val_accuracy), delta(r["val_accuracy_delta"]))
     t.add_row("test accuracy", acc(b.test_accuracy), acc(a.test_accuracy), delta(r["test_accuracy_delta"]))
+    for split in ("val", "test"):  # language models: perplexity (the accuracies above are next-token)
+        pb, pa = getattr(b, f"{split}_perplexity", None), getattr(a, f"{split}_perplexity", None)
+        if pb is not None and pa is not None:
+            t.add_row(f"{split} perplexity", f"{pb:.3f}", f"{pa:.3f}", f"{pa / pb:.3f}x")
     err.print(t)
     changed = {k: f"{res.widths_before.get(k)} -> {v}" for k, v in res.widths_after.items()
                if res.widths_before.get(k) != v}

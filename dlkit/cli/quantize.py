@@ -75,6 +75,9 @@ def _report(res) -> None:
         table.add_row(f"latency batch {n} (ms, median)", *_latency(b.latency_ms[n], a.latency_ms[n]))
     table.add_row(f"test accuracy ({res.test_samples:,} samples)", fmt_pct(b.accuracy), fmt_pct(a.accuracy),
                   f"{r['accuracy_change_points']:+.2f} points", "")
+    if a.perplexity is not None and b.perplexity:  # a language model (the accuracy above is next-token)
+        table.add_row("test perplexity", f"{b.perplexity:.3f}", f"{a.perplexity:.3f}",
+                      f"{100 * (a.perplexity / b.perplexity - 1):+.2f}%", "")
     if res.onnxruntime is not None:
         o = res.onnxruntime
         for n in b.latency_ms:

@@ -11,6 +11,8 @@ import typer
 from dlkit.cli import compare, evaluate, profile, prune, quantize, train
 from dlkit.cli import explain
 from dlkit.cli import export, predict
+from dlkit.cli import generate
+from dlkit.cli import plan as plan_cli
 from dlkit.cli.common import DebugOpt, JsonOpt, QuietOpt, emit_json, emit_path, err, handle_errors
 
 # how each step's result is shown on stderr: the table its own command prints
@@ -18,6 +20,8 @@ REPORTS = {"train": train._report, "evaluate": evaluate._report, "profile": prof
            "prune": prune._report, "quantize": quantize._report, "compare": compare.render}
 REPORTS["explain"] = explain._report
 REPORTS.update({"export": export._report, "predict": predict._report})
+REPORTS["generate"] = generate._report
+REPORTS["plan"] = plan_cli._report
 
 
 @handle_errors

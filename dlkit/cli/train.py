@@ -26,8 +26,19 @@ def train(
                                                      rich_help_panel=DATA)] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the training set held out for validation.",
                                                 rich_help_panel=DATA)] = 0.1,
-    data_file: Annotated[Optional[Path], typer.Option(help="Your own labelled text (.csv, .tsv, .jsonl); "
-                                                      "implies --dataset text-csv.", rich_help_panel=DATA)] = None,
+    data_file: Annotated[Optional[Path], typer.Option(help="Your own labelled text (.csv, .tsv, .jsonl: implies "
+                                                      "--dataset text-csv), or text for a language model (a "
+                                                      ".txt file or a folder of them: --dataset text-lm).",
+                                                      rich_help_panel=DATA)] = None,
+    test_file: Annotated[Optional[Path], typer.Option(help="Language models: a separate test text [default: the "
+                                                      "validation text, the last --val-fraction of --data-file].",
+                                                      rich_help_panel=DATA)] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Language models: char (the training text's characters), "
+                                                     "bpe (byte-level BPE trained to --vocab-size), or hf (an hf: "
+                                                     "model's own; hf:NAME for another's) [default: char].",
+                                                     rich_help_panel=DATA)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Language models: tokens per training window (at most the "
+                                                   "model's context) [default: 64].", rich_help_panel=DATA)] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Column of --data-file holding the text "
                                                        "[default: text].", rich_help_panel=DATA)] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Column of --data-file holding the label "
@@ -39,6 +50,15 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Model config override key=value "
                                                       "(repeatable), e.g. --set hidden=256 --set channels=16,32.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.", rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Language models: optimizer steps, each on --batch-size "
+                                                     "random windows [default: --epochs passes over the text].",
+                                                     rich_help_panel=TRAIN)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Language models: steps between validations and "
+                                                      "checkpoints [default: one pass over the text].",
+                                                      rich_help_panel=TRAIN)] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help="Language models: validation batches per check, "
+                                                        "spread over the validation text [default: all of it].",
+                                                        rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Samples per optimizer step over all workers (the global "
                                                       "batch; with --nproc N each worker takes about 1/N of it).",
                                                       rich_help_panel=TRAIN)] = None,
@@ -83,7 +103,8 @@ def train(
         text_column=text_column, label_column=label_column, vocab_size=vocab_size, max_len=max_len, set_=set_,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing,
-        precision=precision, augment=augment, out=out, resume=resume, device=device, seed=seed)
+        precision=precision, augment=augment, out=out, resume=resume, device=device, seed=seed, test_file=test_file,
+        tokenizer=tokenizer, seq_len=seq_len, max_steps=max_steps, eval_every=eval_every, eval_batches=eval_batches)
     from dlkit.api import default_out
     from dlkit.errors import Interrupted
 
@@ -176,6 +197,18 @@ def _launch(request, nproc: int, quiet: bool):
         raise
 
 
+def _lm_rows(table, result) -> None:
+    """A language model's validation and test loss, perplexity and bits per character (byte)."""
+    for r in (result.val, result.test):
+        if r is None:
+            continue
+        bits = f", {r.bits_per_unit:.3f} bits/{r.unit}" if r.bits_per_unit is not None else ""
+        table.add_row(f"{r.split} loss", f"{r.loss:.4f} (perplexity {r.perplexity:.2f}{bits})")
+    m = result.manifest["metrics"]
+    table.add_row("steps", f"{m['steps']:,}")
+    table.add_row("tokens/s", f"{m['tokens_per_s']:,.0f}")
+
+
 def _report(result) -> None:
     from rich.table import Table
 
@@ -183,14 +216,18 @@ def _report(result) -> None:
     table = Table(title=f"{result.manifest['model']['name']} on {result.manifest['data']['dataset']}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if result.val is not None:
+    if hasattr(result.test, "perplexity"):  # a language model
+        _lm_rows(table, result)
+    elif result.val is not None:
         table.add_row("val accuracy", fmt_pct(result.val.accuracy))
-    table.add_row("test accuracy", fmt_pct(result.test.accuracy))
-    table.add_row("test loss", f"{result.test.loss:.4f}")
-    table.add_row("test macro F1", f"{result.test.macro_f1:.4f}")
-    table.add_row("epochs", str(cfg.epochs))
+    if not hasattr(result.test, "perplexity"):
+        table.add_row("test accuracy", fmt_pct(result.test.accuracy))
+        table.add_row("test loss", f"{result.test.loss:.4f}")
+        table.add_row("test macro F1", f"{result.test.macro_f1:.4f}")
+        table.add_row("epochs", str(cfg.epochs))
     table.add_row("train time", f"{result.manifest['metrics']['train_seconds']:.1f} s")
-    table.add_row("samples/s (last epoch)", f"{result.manifest['metrics']['samples_per_s']:,.0f}")
+    if "samples_per_s" in result.manifest["metrics"]:
+        table.add_row("samples/s (last epoch)", f"{result.manifest['metrics']['samples_per_s']:,.0f}")
     table.add_row("setup", f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.precision}, "
                   f"{result.device}")
     ddp = result.distributed

@@ -129,6 +129,8 @@ class PruneSide(Measurement):
 
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    val_perplexity: float | None = None  # language models: exp(mean next-token loss)
+    test_perplexity: float | None = None
 
     @property
     def latency_b1_ms(self) -> float:
@@ -178,6 +180,9 @@ class PruneResult:
         for split in ("val", "test"):
             x, y = getattr(a, f"{split}_accuracy"), getattr(b, f"{split}_accuracy")
             out[f"{split}_accuracy_delta"] = None if x is None or y is None else x - y
+            x, y = getattr(a, f"{split}_perplexity"), getattr(b, f"{split}_perplexity")
+            if x is not None and y:
+                out[f"{split}_perplexity_ratio"] = x / y
         return out
 
     def to_dict(self) -> dict:
@@ -248,8 +253,10 @@ class _Run:
         if self.train_cfg is None:
             return
         log.info("fine-tuning for %d epoch(s) after pruning step %d", self.train_cfg.epochs, step)
+        lm = self.art.spec.task == "lm"  # a language model trains on windows of its text
         st, _ = fit(m, self.data.train, self.data.val, self.train_cfg, device=self.dev, seed=self.opts.seed + step,
-                    augment=DATASETS.get(self.art.dataset).augment, observer=self.observer)
+                    augment=DATASETS.get(self.art.dataset).augment, observer=self.observer,
+                    seq_len=self.art.spec.input_shape[0] if lm else None)
         self.result.finetune_history.extend({**r, "prune_step": step} for r in st.history)
         m.to("cpu").to(memory_format=torch.contiguous_format)
 
@@ -267,7 +274,18 @@ class _Run:
 
 
 def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, download_progress=None) -> PruneResult:
-    """Prune an artifact and save the result as a new artifact; measure both in the same run."""
+    """Prune an artifact and save the result as a new artifact; measure both in the same run.
+    ``hf:...`` prunes a Hugging Face model directly (dlkit.hf.source_artifact)."""
+    if str(path).startswith("hf:"):
+        from dlkit.hf import default_out as hf_out
+        from dlkit.hf import source_artifact
+
+        target = opts.validate().target()
+        out = opts.out or hf_out(str(path), f"pruned{target[1]:g}".replace("0.", "") if target else "pruned")
+        artifacts.check_destination(Path(out))
+        with source_artifact(str(path)) as source:
+            return prune_artifact(source, dataclasses.replace(opts, out=out), observer=observer,
+                                  download_progress=download_progress)
     started = time.perf_counter()
     run = _start(path, opts.validate(), observer, download_progress)
     with output.Destination(run.out) if run.out else contextlib.nullcontext():  # held until written
@@ -277,6 +295,8 @@ def prune_artifact(path: Path | str, opts: PruneOptions, *, observer=None, downl
 
 
 def _prune(run: _Run, opts: PruneOptions, started: float) -> PruneResult:
+    if run.result.family == "hf":
+        _check_hf(opts)
     if opts.sensitivity:
         _sensitivity(run)
     if run.mode != "sensitivity":
@@ -370,7 +390,31 @@ def _prune_unstructured(run: _Run, pruned: nn.Module, protect: list[nn.Module]) 
                             "and latency are measured as they are, and no speed-up is expected")
 
 
+def _check_hf(opts: PruneOptions) -> None:
+    """Hugging Face models are pruned by a ratio of heads and FFN width (dlkit.hf.prune)."""
+    kind = opts.target()[0] if opts.target() else None
+    extra = [flag for flag, on in (("--sensitivity", opts.sensitivity), ("--from-sensitivity", opts.from_sensitivity),
+                                   ("--global-pruning", opts.global_pruning), ("--protect", bool(opts.protect)),
+                                   ("--iterative-steps", opts.iterative_steps > 1)) if on]
+    if kind in ("target_macs", "target_params") and not opts.unstructured:
+        extra.append("--" + kind.replace("_", "-"))
+    if extra:
+        raise UsageError(f"Hugging Face models are pruned by --ratio (heads and FFN width, the same in every block); "
+                         f"{', '.join(extra)} is not available for them", hint="e.g. dlkit prune ARTIFACT --ratio 0.5")
+
+
+def _prune_hf(run: _Run, pruned: nn.Module) -> None:
+    from dlkit.hf.prune import prune_model
+
+    done = prune_model(pruned, run.opts.ratio, importance=run.opts.importance, seed=run.opts.seed)
+    run.result.notes.extend(done["notes"])
+    run.result.ratio = run.opts.ratio
+    run.finetune(pruned, 1)
+
+
 def _prune_structured(run: _Run, pruned: nn.Module, protect: list[nn.Module]) -> None:
+    if run.result.family == "hf":
+        return _prune_hf(run, pruned)
     opts, (kind, value) = run.opts, run.opts.target()
     kw = dict(importance=opts.importance, protect=run.protect)
     unit_ratios, ratio = None, value
@@ -428,7 +472,12 @@ def _measure(run: _Run, rebuilt: nn.Module) -> None:
         acc = {}
         for split in ("val", "test") if run.data is not None else ():
             x, y = getattr(run.data, split)
-            if len(x):
+            if len(x) and run.art.spec.task == "lm":  # a language model: perplexity, next-token accuracy
+                from dlkit.lm.evaluate import evaluate_lm
+
+                ev = evaluate_lm(m, x, y, split=split, batch_size=64, device=run.dev, precision=run.art.precision)
+                acc.update({f"{split}_accuracy": ev.accuracy, f"{split}_perplexity": ev.perplexity})
+            elif len(x):
                 names = list(run.art.spec.class_names or range(run.art.spec.num_classes))
                 acc[f"{split}_accuracy"] = evaluate_model(
                     m, x, y, class_names=names, split=split, batch_size=1024, device=run.dev,
@@ -447,7 +496,8 @@ def _write(run: _Run, rebuilt: nn.Module, config) -> Path:
     manifest.pop("weights", None)
     manifest["model"]["config"] = to_dict(config)
     a = res.after
-    metrics = {k: v for k, v in {"val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy}.items()
+    metrics = {k: v for k, v in {"val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
+                                 "val_perplexity": a.val_perplexity, "test_perplexity": a.test_perplexity}.items()
                if v is not None}
     metrics.update(params=a.params, macs=a.macs, size_bytes=a.size_bytes, latency_b1_ms=a.latency_b1_ms,
                    latency_b256_ms=a.latency_b256_ms)

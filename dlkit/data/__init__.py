@@ -27,6 +27,7 @@ from dlkit.data import vision  # noqa: E402,F401  (registers digits, mnist, fash
 from dlkit.data import cifar  # noqa: E402,F401  (registers cifar10)
 from dlkit.data import imdb  # noqa: E402,F401  (registers imdb; tokenizer.py has the tokenizer)
 from dlkit.data import textfile  # noqa: E402,F401  (registers text-csv: the user's csv/tsv/jsonl)
+from dlkit.data import textlm  # noqa: E402,F401  (registers text-lm and tinyshakespeare: language-model text)
 
 if TYPE_CHECKING:
     from torch import Tensor

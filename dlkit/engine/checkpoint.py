@@ -45,7 +45,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     """Write the checkpoint into ``folder`` atomically, so that it is always whole: the previous one
     survives a kill or a full disk. ``optimizer`` None: a run that has not started (its first
     checkpoint). Tensors go to safetensors, the rest to JSON: loading never runs code."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases = _model_tensors(model)
     opt_meta = None
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
@@ -56,7 +56,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     # The tensors go to a file named by the step; the JSON naming it replaces the old one last, in
     # one rename: a kill at any moment leaves the old pair or the new pair, never a mix.
     name = f"checkpoint-{state.step}-{state.batch}.safetensors"
-    doc = {"state": state.to_dict(), "optimizer": opt_meta, "tensors": name, **extra}
+    doc = {"state": state.to_dict(), "optimizer": opt_meta, "tensors": name, "aliases": aliases, **extra}
     tmp_tensors, tmp_state = folder / (name + ".tmp"), folder / (STATE + ".tmp")
     old = _tensors_file(folder)
     try:
@@ -75,6 +75,20 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
                           hint="free some space; the previous checkpoint is kept for --resume") from None
     if old is not None and old.name != name:
         old.unlink(missing_ok=True)
+
+
+def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict as ``model.<name>`` tensors, each storage once: a tied weight (a language
+    model's head and token embedding) is stored under its first name, the others are aliases."""
+    tensors, aliases, first = {}, {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if v.numel() and key in first:
+            aliases[k] = first[key]
+            continue
+        first[key] = k
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    return tensors, aliases
 
 
 def _tensors_file(folder: Path) -> Path | None:
@@ -127,6 +141,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> tuple[TrainState, d
         raise ArtifactError(f"the checkpoint in {folder} cannot be read: {exc}",
                             hint="remove the folder and train from scratch") from None
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, name in (doc.pop("aliases", None) or {}).items():
+        model_sd[alias] = model_sd[name]
     model.load_state_dict(model_sd)
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

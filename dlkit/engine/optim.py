@@ -14,13 +14,15 @@ from dlkit.choices import OPTIMIZERS, SCHEDULES
 from dlkit.errors import UsageError
 
 
-def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float = 0.9):
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float = 0.9,
+                   beta2: float = 0.999):
+    """``beta2``: Adam's second-moment decay (0.99 suits small batches of few tokens, as nanoGPT's)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=(0.9, beta2))
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, beta2))
     raise UsageError(f"unknown optimizer '{name}'", hint="choose one of " + ", ".join(OPTIMIZERS))
 
 

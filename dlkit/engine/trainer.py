@@ -29,6 +29,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9
+    beta2: float = 0.999  # adam/adamw: the second-moment decay
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup: float = 0.0
@@ -37,6 +38,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True  # the dataset's own augmentation, if it has one
     eval_batch_size: int = 1024
+    # Language models (text-lm data) train by steps: random windows of the text, validated every
+    # eval_every steps on eval_batches batches of validation windows (0: all of them).
+    max_steps: int = 0  # optimizer steps of the run; 0: --epochs passes over the training text
+    eval_every: int = 0  # steps between validations (and checkpoints); 0: once per pass over the text
+    eval_batches: int = 0  # validation batches (of --batch-size windows) per check; 0: every window
 
     def validate(self) -> "TrainConfig":
         problems = []
@@ -48,12 +54,17 @@ class TrainConfig:
             problems.append(f"--lr must be a positive number (got {self.lr})")
         if self.weight_decay < 0:
             problems.append(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if not 0 < self.beta2 < 1:
+            problems.append(f"beta2 must be in (0, 1) (got {self.beta2})")
         if not 0 <= self.warmup < 1:
             problems.append(f"--warmup is a fraction of the run in [0, 1) (got {self.warmup})")
         if self.grad_clip < 0:
             problems.append(f"--grad-clip must be >= 0 (got {self.grad_clip})")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+        for name in ("max_steps", "eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"unknown optimizer '{self.optimizer}' (choose {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
@@ -160,8 +171,24 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     sync_every: int
+    epochs: int  # epochs, or for a language model the validation intervals of the run
+    seq_len: int | None = None  # a language model's window: the training set is one token stream
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps of ``epoch`` (a language model's last interval may be shorter)."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order; for a language model, the start of each window it draws."""
+        if self.seq_len is None:
+            return epoch_permutation(len(self.x), self.seed, epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randint(0, len(self.x) - self.seq_len, (self.steps_per_epoch * self.cfg.batch_size,), generator=g)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.seq_len is not None:  # windows of the stream; the targets are the next tokens
+            w = self.x[idx[:, None] + torch.arange(self.seq_len + 1)].to(self.device, non_blocking=True)
+            return w[:, :-1], w[:, 1:]
         xb = self.x[idx].to(self.device, non_blocking=True)
         yb = self.y[idx].to(self.device, non_blocking=True)
         if self.aug is not None:
@@ -185,6 +212,8 @@ class _Run:
         xb, yb = self.batch(idx)
         with autocast(self.device, cfg.precision):
             logits = self.net(xb)
+        if self.seq_len is not None:  # every position predicts its next token
+            logits, yb, global_n = logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), global_n * self.seq_len
         loss, objective = self.ctx.loss(logits, yb, cfg.label_smoothing, weight, global_n)
         if weight == 0:  # a stand-in sample (distributed, short last batch): computed, not counted
             logits, yb = logits[:0], yb[:0]
@@ -225,18 +254,19 @@ class _Run:
     def train_epoch(self, state: TrainState, observer: Observer, should_stop: Callable[[], bool]) -> float | None:
         """Run the epoch under way from ``state.batch``; its last lr, or None when stopped mid-way."""
         self.net.train()
-        perm = epoch_permutation(len(self.x), self.seed, state.epoch)
+        perm = self.order(state.epoch)
+        steps = self.steps_in(state.epoch)
         self.ctx.seed_epoch(self.seed, state.epoch, state.batch)
         if not self.ctx.is_main:  # the checkpoint holds the sums over all ranks: count them once
             state.loss_sum, state.correct, state.seen = 0.0, 0, 0
         sums = _RunningSums(state, self.device)
         t0 = time.perf_counter() - state.elapsed
-        while state.batch < self.steps_per_epoch:
+        while state.batch < steps:
             lr = self.set_lr(state.step)
             loss = self.step(state, perm, sums)
-            if state.step % self.sync_every == 0 or state.batch == self.steps_per_epoch:
+            if state.step % self.sync_every == 0 or state.batch == steps:
                 self.report(state, sums, loss, lr, t0, observer)
-            if self.ctx.any(should_stop(), self.device) and state.batch < self.steps_per_epoch:
+            if self.ctx.any(should_stop(), self.device) and state.batch < steps:
                 self.keep_sums(state, sums, t0)
                 return None
         self.keep_sums(state, sums, t0)
@@ -247,6 +277,8 @@ class _Run:
         if not len(val[0]):
             return {}
         ctx = self.ctx
+        if self.seq_len is not None:
+            return self.validate_lm(val)
         xv, yv = val[0][ctx.rank :: ctx.world_size], val[1][ctx.rank :: ctx.world_size]
         logits = predict_logits(self.model, xv, batch_size=self.cfg.eval_batch_size, device=self.device,
                                 precision=self.cfg.precision, channels_last=self.channels_last)
@@ -254,6 +286,22 @@ class _Run:
         correct = (logits.argmax(1) == yv).sum().item()
         loss, correct = ctx.all_sum([loss, correct], self.device)
         return {"val_loss": loss / len(val[0]), "val_accuracy": correct / len(val[0])}
+
+    def validate_lm(self, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """Mean next-token loss on ``eval_batches`` batches of validation windows spread evenly over
+        the text (all windows when 0); each rank scores its share."""
+        from dlkit.lm.evaluate import token_loss
+
+        ctx, cfg = self.ctx, self.cfg
+        x, y = val
+        if cfg.eval_batches and cfg.eval_batches * cfg.batch_size < len(x):
+            pick = torch.linspace(0, len(x) - 1, cfg.eval_batches * cfg.batch_size).round().long()
+            x, y = x[pick], y[pick]
+        s = token_loss(self.model, x[ctx.rank :: ctx.world_size], y[ctx.rank :: ctx.world_size],
+                       batch_size=cfg.eval_batch_size, device=self.device, precision=cfg.precision)
+        nll, correct, tokens = ctx.all_sum([s.nll, s.correct, s.tokens], self.device)
+        loss = nll / max(tokens, 1)
+        return {"val_loss": loss, "val_accuracy": correct / max(tokens, 1), "val_perplexity": math.exp(min(loss, 700))}
 
     def end_epoch(self, state: TrainState, lr: float, val: tuple[torch.Tensor, torch.Tensor]) -> dict:
         """The epoch's record, added to the history; the state moves to the next epoch."""
@@ -263,7 +311,7 @@ class _Run:
             "lr": lr,
             "train_loss": state.loss_sum / state.seen,
             "train_accuracy": state.correct / state.seen,
-            "samples_per_s": state.seen / max(state.elapsed, 1e-9),
+            "samples_per_s": state.seen / max(state.elapsed, 1e-9),  # tokens for a language model
             "epoch_seconds": state.elapsed,
             **self.validate(val),
         }
@@ -273,8 +321,28 @@ class _Run:
         return record
 
 
+def _schedule(n: int, cfg: TrainConfig, seq_len: int | None) -> tuple[int, int, int]:
+    """(steps per epoch or validation interval, total steps, epochs or intervals) for ``n`` training
+    samples, or for a language model ``n`` tokens drawn as windows of ``seq_len``."""
+    if seq_len is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("max_steps", "eval_every", "eval_batches") if getattr(cfg, k)]
+        if given:
+            raise UsageError(f"{', '.join(given)} are for language models (text-lm data)",
+                             hint="train classifiers by --epochs")
+        per = math.ceil(n / cfg.batch_size)
+        return per, per * cfg.epochs, cfg.epochs
+    if n < seq_len + 1:
+        raise UsageError(f"the training text ({n} tokens) is shorter than one window of {seq_len} tokens",
+                         hint="give more text or a smaller --seq-len")
+    pass_steps = max(1, n // (cfg.batch_size * seq_len))  # one pass over the text, in windows
+    total = cfg.max_steps or pass_steps * cfg.epochs
+    per = min(cfg.eval_every or pass_steps, total)
+    return per, total, math.ceil(total / per)
+
+
 def _start(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
-           device: torch.device, seed: int, augment: str | None, optimizer_state: dict | None, ctx: Context) -> _Run:
+           device: torch.device, seed: int, augment: str | None, optimizer_state: dict | None, ctx: Context,
+           seq_len: int | None = None) -> _Run:
     """Move the model to the device, build the optimizer (restored when resuming), wrap for DDP."""
     x, y = train
     if len(x) == 0:
@@ -284,14 +352,14 @@ def _start(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum, beta2=cfg.beta2)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    steps_per_epoch, total_steps, epochs = _schedule(len(x), cfg, seq_len)
     return _Run(model=model, net=ctx.wrap(model, device), optimizer=optimizer, x=x, y=y, cfg=cfg, device=device,
                 seed=seed, ctx=ctx, aug=AUGMENTATIONS[augment] if (cfg.augment and augment) else None,
-                channels_last=channels_last, steps_per_epoch=steps_per_epoch,
-                total_steps=steps_per_epoch * cfg.epochs, sync_every=1 if device.type == "cpu" else 25)
+                channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                sync_every=1 if device.type == "cpu" else 25, epochs=epochs, seq_len=seq_len)
 
 
 def fit(
@@ -309,28 +377,34 @@ def fit(
     should_stop: Callable[[], bool] = lambda: False,
     on_epoch_end: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
     dist: Context | None = None,
+    seq_len: int | None = None,
 ) -> tuple[TrainState, torch.optim.Optimizer]:
     """Train ``model`` in place. Returns the final state (``completed`` False if stopped early).
 
     With ``dist`` (a worker of a distributed run, see engine.distributed) the model is wrapped in
     DistributedDataParallel, each rank trains on its part of every global batch, and the numbers
     in the state and the records are summed over ranks; without it the run is a world of one.
+
+    With ``seq_len`` the model is a language model: ``train`` is ``(token stream (T,), unused)``,
+    each step draws ``batch_size`` random windows of ``seq_len`` tokens (seeded by the seed and the
+    interval, so a resumed run draws the same), and an "epoch" is an interval of ``eval_every``
+    steps ending in a validation and a checkpoint; ``val`` holds ``(x, y)`` windows.
     """
     cfg.validate()
     observer = observer or Observer()
     state = state or TrainState()
     run = _start(model, train, cfg, device=device, seed=seed, augment=augment, optimizer_state=optimizer_state,
-                 ctx=dist or LocalContext())
-    observer.on_start(total_steps=run.total_steps, done_steps=state.step, epochs=cfg.epochs,
+                 ctx=dist or LocalContext(), seq_len=seq_len)
+    observer.on_start(total_steps=run.total_steps, done_steps=state.step, epochs=run.epochs,
                       steps_per_epoch=run.steps_per_epoch)
-    while state.epoch < cfg.epochs:
+    while state.epoch < run.epochs:
         lr = run.train_epoch(state, observer, should_stop)
         if lr is None:
             return state, run.optimizer
         observer.on_epoch(run.end_epoch(state, lr, val))
-        if on_epoch_end is not None and state.epoch < cfg.epochs:
+        if on_epoch_end is not None and state.epoch < run.epochs:
             on_epoch_end(state, run.optimizer)
-        if run.ctx.any(should_stop(), device) and state.epoch < cfg.epochs:
+        if run.ctx.any(should_stop(), device) and state.epoch < run.epochs:
             return state, run.optimizer
     state.completed = True
     return state, run.optimizer

@@ -1,15 +1,26 @@
-"""GPT-2 small (Radford et al.), decoder-only: the published shapes, 124,439,808 parameters.
+"""GPT (Radford et al.): a decoder-only transformer, as a language model or a classifier.
 
-Token and position embeddings (vocab from the data: 50257 on the ``sst2-gpt2`` shape, 1024
-positions), 12 pre-norm causal blocks (GELU with the tanh approximation) and a final LayerNorm.
+Token and learned position embeddings, pre-LayerNorm causal blocks (self-attention through
+``scaled_dot_product_attention(is_causal=True)``, then a GELU MLP), a final LayerNorm. The head
+follows the data's task (``DataSpec.task``):
 
-Two heads, picked by ``lm_head``:
-* ``lm_head=False`` (the registered default, so ``gpt2`` trains and evaluates like every other
-  classifier): ``head`` is a linear classifier on the last non-padding token (token id 0 is
-  padding here). Parameters: 124,439,808 + ``768 * classes + classes``.
-* ``lm_head=True`` (``dlkit profile gpt2 --set lm_head=true``): the language model, ``head`` is
-  tied to the token embedding (no extra parameters: exactly 124,439,808) and the output is
-  next-token logits ``(N, L, vocab)``.
+* ``lm`` (language modelling, the registered presets' own data): ``head`` is tied to the token
+  embedding (no extra parameters) and ``forward(ids (N, L)) -> logits (N, L, vocab)``.
+  ``gpt2`` has exactly 124,439,808 parameters; ``gpt-mini`` (4 x 4 heads x 128, context 64) is
+  nanoGPT's CPU Shakespeare model.
+* ``classify`` (``--dataset sst2-gpt2``, a text-csv file): ``head`` is a linear classifier on the
+  last non-padding token (token id 0 is padding): ``768 * classes + classes`` more parameters.
+
+``lm_head`` in the config forces one or the other (``None``: the task decides).
+
+The language model also decodes incrementally with a key/value cache::
+
+    logits, cache = model.decode(prompt_ids, None)       # prefill: every prompt position
+    logits, cache = model.decode(next_id[:, None], cache)  # one new position, attending to the cache
+
+``cache`` holds per block the keys and values of every position so far (``(N, heads, T, head_dim)``
+each); positions continue after its length, so each new token costs one position, not the whole
+context. dlkit.lm.generate drives it.
 """
 
 from __future__ import annotations
@@ -18,12 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dlkit.errors import IncompatibleError, UsageError
 from dlkit.models.registry import Support, register_model
-from dlkit.models.transformer import Block, block_widths
-from dlkit.spec import TEXT, DataSpec
+from dlkit.models.transformer import block_widths
+from dlkit.spec import LM, TEXT, DataSpec
+
+KVCache = list  # per block: (keys, values), each (N, heads, T, head_dim)
 
 
 @dataclass
@@ -37,7 +51,61 @@ class GPTConfig:
     ffn_dim: int = 3072
     max_len: int = 1024
     dropout: float = 0.1
-    lm_head: bool = False
+    lm_head: bool | None = None  # None: a tied LM head for language-model data, a classifier otherwise
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate ``q``, ``k``, ``v`` projections (so a head
+    pruner can remove whole heads) and an optional key/value cache."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads = heads  # a head pruner updates this along with q, k, v
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, heads * head_dim)
+        self.v = nn.Linear(dim, heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``x`` (N, T, dim) -> (N, T, dim), and the keys and values of all positions so far."""
+        n, t, _ = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:  # (N, T, H*D) -> (N, H, T, D)
+            return z.view(n, t, self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        mask, causal = None, True
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            if t == 1:
+                causal = False  # one new query attends to every cached key
+            else:  # query i (absolute position p + i) sees keys 0 .. p + i
+                p = k.shape[2] - t
+                mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
+                causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(n, t, -1)), (k, v)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm: x + attn(norm1(x)), then x + fc2(gelu(fc1(norm2(x))))."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, head_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, past=None):
+        a, kv = self.attn(self.norm1(x), past)
+        x = x + self.drop(a)
+        return x + self.drop(self.fc2(self.act(self.fc1(self.norm2(x))))), kv
 
 
 class GPT(nn.Module):
@@ -46,54 +114,88 @@ class GPT(nn.Module):
         if cfg.head_dim is None and cfg.dim % cfg.heads:
             raise UsageError(f"dim={cfg.dim} is not divisible by heads={cfg.heads}", hint="set head_dim")
         if spec.input_shape[0] > cfg.max_len:
-            raise IncompatibleError(f"sequences of {spec.input_shape[0]} tokens are longer than "
-                                    f"max_len={cfg.max_len}", hint="use shorter sequences")
-        self.lm = cfg.lm_head
+            raise IncompatibleError(f"sequences of {spec.input_shape[0]} tokens are longer than the model's "
+                                    f"context max_len={cfg.max_len}",
+                                    hint=f"use --seq-len {cfg.max_len} or less, or --set max_len={spec.input_shape[0]}")
+        self.lm = spec.task == LM if cfg.lm_head is None else bool(cfg.lm_head)
+        self.max_len = cfg.max_len
         self.wte = nn.Embedding(spec.vocab_size, cfg.dim)
         self.wpe = nn.Embedding(cfg.max_len, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         head_dim = cfg.head_dim or cfg.dim // cfg.heads
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, head_dim, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.depth))
-        for blk in self.blocks:
-            blk.act = nn.GELU(approximate="tanh")
+            CausalBlock(cfg.dim, cfg.heads, head_dim, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        if cfg.lm_head:
-            self.head = nn.Linear(cfg.dim, spec.vocab_size, bias=False)
-        else:
-            self.head = nn.Linear(cfg.dim, spec.num_classes)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        if cfg.lm_head:
+        self.head = nn.Linear(cfg.dim, spec.vocab_size if self.lm else spec.num_classes, bias=not self.lm)
+        self._init_weights(cfg.depth)
+        if self.lm:
             self.head.weight = self.wte.weight  # tied: no extra parameters
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length = x.shape
-        positions = torch.arange(length, device=x.device)
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()[None, None]
+    def _init_weights(self, depth: int) -> None:
+        if next(self.parameters()).is_meta:
+            return
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:  # GPT-2: N(0, 0.02), the residual projections scaled by 1/sqrt(2 * depth)
+                std = 0.02 / (2 * depth) ** 0.5 if name.endswith(("attn.proj.weight", "fc2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def _trunk(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        start = 0 if cache is None else cache[0][0].shape[2]
+        if start + x.shape[1] > self.max_len:
+            raise IncompatibleError(f"{start + x.shape[1]} positions exceed the model's context of {self.max_len}",
+                                    hint="shorten the input (generation slides its window by itself)")
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         t = self.drop(self.wte(x) + self.wpe(positions))
-        for blk in self.blocks:
-            t = blk(t, causal)
-        t = self.norm(t)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            t, kv = blk(t, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.norm(t), new_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, _ = self._trunk(x, None)
         if self.lm:
             return self.head(t)
         last = (x != 0).sum(1).clamp(min=1) - 1  # right padding: the last real token sees all others
-        return self.head(t[torch.arange(n, device=x.device), last])
+        return self.head(t[torch.arange(x.shape[0], device=x.device), last])
+
+    def decode(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Next-token logits ``(N, T, vocab)`` for ``x`` (N, T) placed after the cached positions,
+        and the cache extended by them (``cache=None`` starts a sequence)."""
+        if not self.lm:
+            raise IncompatibleError("this GPT is a classifier, not a language model", hint="train it on text-lm data")
+        t, new_cache = self._trunk(x, cache)
+        return self.head(t), new_cache
+
+    @property
+    def context(self) -> int:
+        return self.max_len
 
     def width_overrides(self) -> dict[str, Any]:
         """The config fields holding this module's current widths (uniform across blocks)."""
         return block_widths(self.blocks, self.norm.normalized_shape[0], "GPT")
 
 
+# Whole heads and FFN neurons; the residual width stays (the embeddings and the tied head keep it).
 SUPPORT = Support(prune="heads", blocks="blocks", widths=GPT.width_overrides)
 
 
-@register_model("gpt2", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="sst2-gpt2", support=SUPPORT,
+@register_model("gpt2", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="tinyshakespeare", native="gpt2-lm",
+                support=SUPPORT,
                 train_defaults=dict(optimizer="adamw", lr=5e-5, weight_decay=0.01, epochs=3, batch_size=16,
                                     schedule="cosine", warmup=0.1))
 def gpt2() -> GPTConfig:
-    """GPT-2 small (decoder-only, 124.4M params) + a classifier on the last token (lm_head=true: tied LM)."""
+    """GPT-2 small: decoder-only language model, 124,439,808 params (tied head); a classifier on labelled text."""
     return GPTConfig()
+
+
+@register_model("gpt-mini", family="gpt", build=GPT, modalities=(TEXT,), default_dataset="tinyshakespeare",
+                support=SUPPORT,
+                # nanoGPT's recipe but lr 2e-3: 2000 steps on tinyshakespeare reached val loss 1.81 (1e-3: 1.91)
+                train_defaults=dict(optimizer="adamw", lr=2e-3, beta2=0.99, weight_decay=0.1, batch_size=12,
+                                    schedule="cosine", warmup=0.05, grad_clip=1.0))
+def gpt_mini() -> GPTConfig:
+    """nanoGPT's CPU Shakespeare model: 4 blocks of 4 heads, 128 wide, context 64 (character LM)."""
+    return GPTConfig(dim=128, depth=4, heads=4, ffn_dim=512, max_len=64, dropout=0.0)

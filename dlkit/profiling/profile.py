@@ -60,6 +60,7 @@ class ProfileResult:
     training: dict | None = None
     latency: list[Latency] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    lm: dict | None = None  # language models: per-token MACs, KV-cache bytes, prefill/decode latency (lm_cost)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -210,8 +211,10 @@ class ProfileOptions:
     latency: bool = True
     measure: bool | None = None  # None: run the real model only where one run is cheap
     device: str = "auto"
-    overrides: dict | None = None  # registry models: config key -> value
+    overrides: dict | None = None  # registry models: config key -> value; file.py:Name: keyword arguments
     runtime: str = "torch"  # what runs the timed passes: "torch" or "onnxruntime" (the model exported to ONNX)
+    input_dtype: str | None = None  # file.py:Name: "float" (default) or "long" (token ids)
+    vocab_size: int | None = None  # token ids below this (default: the module's first nn.Embedding)
 
     def validate(self) -> "ProfileOptions":
         from dlkit.choices import PREDICT_RUNTIMES, PROFILE_OPTIMIZERS
@@ -268,12 +271,13 @@ def profile_target(target: str, opts: ProfileOptions | None = None) -> ProfileRe
                      "(pass --measure to run it anyway)")
     if fwd.uncounted:
         notes.append("uncounted ops: " + ", ".join(f"{k} x{v}" for k, v in fwd.uncounted.items()))
+    lm = _lm_cost(model, real, x, fwd, train, precision, dev, opts, notes)
     return ProfileResult(
         target=target, kind=tgt.kind, model=tgt.name, input_shape=[batch, *tgt.input_shape], batch_size=batch,
         precision=precision, counted_on=counted_on, convention=CONVENTION, params=params,
         forward=_forward_doc(fwd, batch), by_op=_by_op(fwd), modules=_module_rows(model, fwd, shapes, opts.depth),
         uncounted=dict(fwd.uncounted), zero_cost=dict(fwd.listed_zero), memory=memory,
-        training=train.doc if train else None, latency=lat, notes=notes)
+        training=train.doc if train else None, latency=lat, notes=notes, lm=lm)
 
 
 def _resolve(target: str, opts: ProfileOptions) -> tuple[Target, str, int]:
@@ -281,9 +285,8 @@ def _resolve(target: str, opts: ProfileOptions) -> tuple[Target, str, int]:
     from dlkit.device import check_precision
 
     tgt, shape_batch = resolve_target(target, dataset=opts.dataset, input_shape=opts.input_shape,
-                                      seq_len=opts.seq_len, overrides=opts.overrides)
-    if opts.overrides and tgt.kind != "registry":
-        raise UsageError("--set applies to registry models only")
+                                      seq_len=opts.seq_len, overrides=opts.overrides,
+                                      input_dtype=opts.input_dtype, vocab_size=opts.vocab_size)
     precision = check_precision(opts.precision or tgt.precision)
     batch = opts.batch_size or shape_batch or tgt.default_batch
     if batch < 1:
@@ -446,6 +449,20 @@ def _onnx_latencies(tgt: Target, real: nn.Module, batches: list[int], precision:
         notes.append(f"ONNX Runtime computes in fp32, not {precision}")
     return [measure_onnx_latency(session, {export.INPUT_NAME: tgt.example(b, "cpu").numpy()}, threads=threads)
             for b in batches]
+
+
+def _lm_cost(model: nn.Module, real: nn.Module | None, x, fwd: OpCounts, train: "_Training | None", precision: str,
+             dev: torch.device, opts: ProfileOptions, notes: list[str]) -> dict | None:
+    """A language model's cost per token (dlkit.lm: ``decode(ids, cache)``); None for other models."""
+    from dlkit.lm.cost import lm_cost
+
+    try:
+        return lm_cost(model, real, x, fwd_macs=fwd.macs, train_macs=(train.doc["forward_macs"] + train.doc[
+            "backward_macs"]) if train else None, precision=precision, device=dev,
+            latency=opts.latency and real is not None, notes=notes)
+    except (RuntimeError, NotImplementedError) as exc:  # a module whose decode cannot run here
+        notes.append(f"language-model cost skipped: {str(exc).splitlines()[0]}")
+        return None
 
 
 def _forward_doc(fwd: OpCounts, batch: int) -> dict:
