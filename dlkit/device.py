@@ -32,13 +32,38 @@ def check_precision(precision: str) -> str:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 math runs natively here (CUDA, or a CPU with AVX512-BF16/AMX through oneDNN)."""
+    """Whether bf16 math runs natively here: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    oneDNN's own probe (``_is_mkldnn_bf16_supported``) also says yes for AVX512 CPUs without
+    AVX512-BF16, where bf16 is emulated and slower than fp32: the instruction sets decide first."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is not None for p in probes):
+        return any(p() for p in probes)
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private probe: if it goes away, assume it is fine
         return True
+
+
+# Models whose default training measured no accuracy loss in bf16 against fp32 (the same seed, data
+# and recipe, on a native-bf16 CPU: benchmarks/accuracy.py --cases cnn:fashion-mnist --precisions
+# fp32,bf16): where bf16 is native, training them without --precision picks bf16.
+BF16_BY_DEFAULT = frozenset({"cnn"})
+
+
+def default_precision(model_name: str, device: torch.device) -> tuple[str, str]:
+    """The precision to train ``model_name`` in when ``--precision`` is not given, and why (one
+    line, for stderr and the manifest). bf16 only where it is native and measured no accuracy loss."""
+    if model_name not in BF16_BY_DEFAULT:
+        return "fp32", f"fp32: bf16 was not measured free of accuracy loss for {model_name}"
+    if device.type != "cpu":
+        return "fp32", f"fp32: bf16 is chosen by itself on CPUs only (this is {device.type})"
+    if not native_bf16(device):
+        return "fp32", "fp32: this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is emulated and slower"
+    return "bf16", (f"bf16 chosen by dlkit: this CPU runs bf16 natively (AVX512-BF16/AMX) and {model_name} "
+                    f"measured no accuracy loss in bf16; --precision fp32 turns it off")
 
 
 def autocast(device: torch.device, precision: str):

@@ -71,6 +71,7 @@ def quantized(trained, tmp_path_factory):
 def _quantize(src, mode, tmp_path, **kw):
     kw.setdefault("repeats", 1)
     kw.setdefault("calib_batches", 2)
+    kw.setdefault("choose_layers", False)  # timing decides nothing here: the tests below cover the choice
     return q.quantize_artifact(src, q.QuantizeOptions(mode, out=tmp_path / f"{src.name}-{mode}", **kw))
 
 
@@ -203,7 +204,7 @@ def test_cli_json_table_and_errors(trained, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["artifact"] == str(out) and doc["mode"] == "dynamic" and doc["verified"] is True
-    assert set(doc["before"]["latency_ms"]) == {"1", "256"} and doc["ratios"]["size"] > 2.5
+    assert set(doc["before"]["latency_ms"]) == {"1", "64", "256"} and doc["ratios"]["size"] > 2.5
     assert "size on disk" in r.stderr and "latency batch 256" in r.stderr
     # ONNX Runtime skipped: said so, and the recommendation weighs the PyTorch int8 model alone
     assert doc["onnxruntime"] is None and any("--no-onnxruntime" in n for n in doc["notes"])
@@ -277,3 +278,84 @@ def test_a_family_onnx_cannot_take_is_skipped_with_a_note(tmp_path):
     assert res.verified and res.onnxruntime is None
     assert any(n.startswith("ONNX Runtime int8 not measured") and "onnx" in n for n in res.notes)
     assert res.recommendation.runtime == "torch"
+
+
+# --------------------------------------------------------------------------- static int8: the per-layer choice
+
+
+def _digits_cnn():
+    from dlkit.data import load_dataset
+    from dlkit.models import create_model
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", data.spec, MODELS_CFG["cnn"])
+    x = data.train[0][:256]
+    return model.eval(), x
+
+
+def test_static_keeps_in_fp32_the_layers_whose_int8_kernel_measured_slower():
+    """The timer is injected: it runs both sides (they compute the same layer) and reports the
+    stem's int8 kernel slower; that layer alone stays float, the rest is int8, outputs stay close."""
+    model, x = _digits_cnn()
+    timed = []
+
+    def timer(name, int8_call, float_call):
+        a, b = int8_call(), float_call()
+        assert a.shape == b.shape and a.is_quantized and b.is_quantized
+        assert (a.dequantize() - b.dequantize()).abs().max() <= 4 * a.q_scale() + 1e-6  # the same layer
+        timed.append(name)
+        return (3.0, 1.0) if name == "features.0" else (1.0, 3.0)
+
+    int8 = q.quantize_static(model, [x[:128], x[128:]], "x86", timer=timer)
+    assert timed == ["features.0", "features.4", "classifier.1", "head"]  # every int8 layer, in order
+    assert q.float_layer_names(int8) == ["features.0"]
+    assert type(int8.features[0].layer[0]) is nn.Conv2d  # fused conv-bn-relu, in float
+    assert q.quantized_layer_names(int8) == ["features.4", "classifier.1", "head"]
+    ref, _ = _digits_cnn()
+    with torch.no_grad(), q.quiet_ao("x86"):
+        diff = (int8(x[:64]) - ref(x[:64])).abs().max()
+    assert diff < 0.05
+    # a timer finding every int8 kernel faster keeps nothing in fp32
+    model, x = _digits_cnn()
+    int8 = q.quantize_static(model, [x[:128]], "x86", timer=lambda name, a, b: (1.0, 2.0))
+    assert q.float_layer_names(int8) == []
+
+
+def test_a_layer_kept_in_fp32_is_recorded_and_reloads_exactly(trained, tmp_path):
+    res = _quantize(trained["cnn"], "static", tmp_path, fp32_layers=("features.0",))
+    assert res.verified
+    transform = artifacts.read_artifact(res.artifact).manifest["model"]["transforms"][-1]
+    assert transform["fp32_layers"] == ["features.0"]
+    model = artifacts.load_model(artifacts.read_artifact(res.artifact))
+    assert q.float_layer_names(model) == ["features.0"] and "features.0" not in res.quantized_layers
+    assert any("kept in fp32" in n and "features.0" in n for n in res.notes)
+    assert abs(res.after.accuracy - res.before.accuracy) < 0.05
+
+
+def test_static_with_the_measured_choice_reloads_to_what_was_measured(trained, tmp_path):
+    """The real timer on this machine: whatever it keeps, the artifact records it and reloads exactly."""
+    res = _quantize(trained["cnn"], "static", tmp_path, choose_layers=True)
+    assert res.verified
+    model = artifacts.load_model(artifacts.read_artifact(res.artifact))
+    kept = q.float_layer_names(model)
+    transform = artifacts.read_artifact(res.artifact).manifest["model"]["transforms"][-1]
+    assert transform.get("fp32_layers", []) == kept
+    assert set(kept) | set(res.quantized_layers) == {"features.0", "features.4", "classifier.1", "head"}
+
+
+def test_keeping_an_unknown_layer_says_which_exist(trained, tmp_path):
+    with pytest.raises(UsageError, match="no conv or linear layer named 'features.9'") as err:
+        _quantize(trained["cnn"], "static", tmp_path, fp32_layers=("features.9",))
+    assert "features.0" in err.value.hint
+
+
+def test_recommend_needs_int8_faster_at_every_big_batch():
+    """Faster at 256 but slower at 64: int8 is not recommended (it measured slower somewhere)."""
+    fp32 = {1: 1.0, 64: 4.0, 256: 16.0}
+    c = q.Candidate("this artifact (PyTorch int8)", "torch", {1: 0.5, 64: 4.4, 256: 8.0})
+    rec = q.recommend(fp32, [c])
+    assert rec.path == q.KEEP_FP32 and "0.91x" in rec.reason and "batch 64/256" in rec.reason
+    c.latency_ms[64] = 2.0
+    rec = q.recommend(fp32, [c])
+    assert rec.path == c.path and rec.speedup == 2.0 and rec.batch == 256

@@ -15,6 +15,11 @@ need a chain of modules eager mode can follow; dynamic and half sizes apply to e
   calibrated on N training batches. Eager mode measured faster than FX graph mode (4.5 against
   7.9 ms for a LeNet at batch 256); PT2E now lives in torchao, which is not a dependency and ran
   slower than fp32 uncompiled.
+  Then each int8 layer is timed against its float version on this machine (``quantize_static``:
+  the float side pays the dequantize/quantize around it) and the layers whose int8 kernel measured
+  slower stay fp32 (``FloatLayer``; recorded as the transform's ``fp32_layers``), e.g. a 1-channel
+  stem on an AVX2-only CPU. The prepared model is op for op what a hand-written torch.ao eager
+  model of the same layers runs (benchmarks/quantize.py times both side by side).
 - ``qat``: the static recipe with fake quantization during a short fine-tune by the core engine
   (``dlkit.engine.trainer.fit``), then converted to the same int8 modules as ``static``.
 - ``fp16`` / ``bf16``: weights stored at half size and widened to fp32 when loaded; compute runs
@@ -132,8 +137,47 @@ def fusion_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def prepare_static(model: nn.Module, backend: str, *, qat: bool = False) -> nn.Module:
-    """Insert quant/dequant stubs, fuse, attach observers (fake quantizers for ``qat``), in place."""
+class FloatLayer(nn.Module):
+    """A layer kept in fp32 inside a static int8 model: dequantize, run the float layer (fused with
+    its BatchNorm and ReLU like its int8 twin would be), quantize again for the next int8 layer."""
+
+    def __init__(self, layer: nn.Module):
+        from torch.ao import quantization as tq
+
+        super().__init__()
+        self.dequant = tq.DeQuantStub()
+        self.layer = layer
+        self.layer.qconfig = None  # eager mode leaves a module whose qconfig is None in float
+        self.quant = tq.QuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.layer(self.dequant(x)))
+
+
+def float_layer_names(model: nn.Module) -> list[str]:
+    """The layers of a static int8 model that were kept in fp32 (``FloatLayer``)."""
+    return [name for name, m in model.named_modules() if isinstance(m, FloatLayer)]
+
+
+def _keep_in_fp32(model: nn.Module, names) -> None:
+    """Wrap the (fused) layers ``names`` in ``FloatLayer``."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    layers = dict(model.named_modules())
+    fused = {n for n, m in layers.items() if isinstance(m, _FusedModule)}
+    weighted = [n for n, m in layers.items()
+                if n in fused or (isinstance(m, (nn.Conv2d, nn.Linear)) and n.rpartition(".")[0] not in fused)]
+    for name in names:
+        if name not in weighted:
+            raise UsageError(f"no conv or linear layer named '{name}' to keep in fp32",
+                             hint=f"layers of this model: {', '.join(weighted) or 'none'}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FloatLayer(layers[name]))
+
+
+def prepare_static(model: nn.Module, backend: str, *, qat: bool = False, keep_fp32=()) -> nn.Module:
+    """Insert quant/dequant stubs, fuse, attach observers (fake quantizers for ``qat``), in place.
+    The (fused) layers named in ``keep_fp32`` stay float, between a dequantize and a quantize."""
     from torch.ao import quantization as tq
 
     model.quant = tq.QuantStub()
@@ -145,15 +189,119 @@ def prepare_static(model: nn.Module, backend: str, *, qat: bool = False) -> nn.M
         model.train()
         if groups:
             tq.fuse_modules_qat(model, groups, inplace=True)
+        _keep_in_fp32(model, keep_fp32)
         model.qconfig = tq.get_default_qat_qconfig(backend)
         tq.prepare_qat(model, inplace=True)
     else:
         model.eval()
         if groups:
             tq.fuse_modules(model, groups, inplace=True)
+        _keep_in_fp32(model, keep_fp32)
         model.qconfig = tq.get_default_qconfig(backend)
         tq.prepare(model, inplace=True)
     return model
+
+
+LAYER_BATCH = 64  # the per-layer choice times each layer at this batch (int8 must not lose at >= 64)
+LAYER_REPEATS = 10
+# A layer stays fp32 only when its int8 kernel measured this much slower: closer is noise on a shared
+# machine, and a tie changes nothing in speed (int8 then keeps its smaller file).
+KEEP_MARGIN = 1.05
+
+
+def time_layer(name: str, int8_call, float_call, repeats: int = LAYER_REPEATS) -> tuple[float, float]:
+    """Median ms of (the int8 layer, its float version) on this machine, runs alternating."""
+    from dlkit.profiling import time_round_robin
+
+    with torch.inference_mode():
+        t_int8, t_float = time_round_robin([int8_call, float_call], repeats)
+    return t_int8, t_float
+
+
+def slower_int8_layers(float_model: nn.Module, int8_model: nn.Module, x: torch.Tensor,
+                       timer=time_layer) -> list[str]:
+    """The int8 layers of ``int8_model`` (static, converted from ``float_model``) that ``timer``
+    measures slower on ``x`` than their float version (by more than ``KEEP_MARGIN``). The float side pays what keeping the layer
+    in fp32 costs inside an int8 model: dequantize its int8 input, the fused float layer (in
+    channels_last for a conv, as dlkit runs them), quantize its output with the int8 layer's scale.
+    ``timer(name, int8_call, float_call) -> (int8_ms, float_ms)``: ``time_layer`` by default."""
+    from torch.ao import quantization as tq
+
+    fused = copy.deepcopy(float_model).eval()
+    groups = fusion_groups(fused)
+    if groups:
+        tq.fuse_modules(fused, groups, inplace=True)
+    float_layers = dict(fused.named_modules())
+    names = [n for n in quantized_layer_names(int8_model) if n in float_layers]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    int8_layers = dict(int8_model.named_modules())
+
+    def grab(name):
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            seen.setdefault(name, (args[0], out))
+        return hook
+
+    hooks = [int8_layers[n].register_forward_hook(grab(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            int8_model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    slower = []
+    for name in names:
+        if name not in seen:  # not on the forward path
+            continue
+        xq, out = seen[name]
+        q_layer = int8_layers[name]
+        f_layer = float_layers[name]
+        channels_last = xq.ndim == 4
+        if channels_last:
+            f_layer = f_layer.to(memory_format=torch.channels_last)
+        scale, zero_point, dtype = float(q_layer.scale), int(q_layer.zero_point), out.dtype
+
+        def float_call(f_layer=f_layer, xq=xq, scale=scale, zero_point=zero_point, dtype=dtype,
+                       channels_last=channels_last):
+            xf = xq.dequantize()
+            if channels_last:
+                xf = xf.contiguous(memory_format=torch.channels_last)
+            return torch.quantize_per_tensor(f_layer(xf), scale, zero_point, dtype)
+
+        t_int8, t_float = timer(name, lambda q_layer=q_layer, xq=xq: q_layer(xq), float_call)
+        log.debug("static int8 layer %s: int8 %.3f ms, fp32 %.3f ms", name, t_int8, t_float)
+        if t_int8 > KEEP_MARGIN * t_float:
+            slower.append(name)
+    return slower
+
+
+def quantize_static(model: nn.Module, batches: list[torch.Tensor], backend: str, *, keep_fp32=(),
+                    choose: bool = True, timer=time_layer) -> nn.Module:
+    """Static int8 of ``model`` calibrated on ``batches``; the layers named in ``keep_fp32`` stay
+    float. With ``choose``, each int8 layer is then timed against its float version on this machine
+    (``slower_int8_layers``, on ``LAYER_BATCH`` calibration samples) and, if any int8 layer measured
+    slower, the model is quantized again with those kept in fp32 too. Returns the int8 model
+    (``model`` itself unless it was redone)."""
+    float_model = copy.deepcopy(model) if choose else None
+
+    def convert(target: nn.Module, keep) -> nn.Module:
+        prepare_static(target, backend, keep_fp32=keep)
+        with torch.no_grad():
+            for xb in batches:
+                target(xb)
+        return convert_static(target)
+
+    keep = tuple(keep_fp32)
+    with quiet_ao(backend):
+        int8 = convert(model, keep)
+        if float_model is None:
+            return int8
+        example = repeat_to(torch.cat(batches), LAYER_BATCH)
+        slower = slower_int8_layers(float_model, int8, example, timer)
+        if not slower:
+            return int8
+        log.info("static int8: keeping in fp32 the layers whose int8 kernel measured slower here: %s",
+                 ", ".join(slower))
+        return convert(float_model, keep + tuple(n for n in slower if n not in keep))
 
 
 def convert_static(model: nn.Module) -> nn.Module:
@@ -168,6 +316,10 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
     from torch.ao import quantization as tq
 
     qconfig = tq.per_channel_dynamic_qconfig
+    from dlkit.hf.models import conv1d_to_linear, is_hf_model
+
+    if is_hf_model(model):  # GPT-2's Conv1D layers are Linears with a transposed weight: reach them too
+        conv1d_to_linear(model)
     return tq.quantize_dynamic(model.eval(), {nn.Linear: qconfig, nn.LSTM: qconfig, nn.GRU: qconfig},
                                dtype=torch.qint8, inplace=True)
 
@@ -212,7 +364,7 @@ def rebuild(model: nn.Module, transform: dict) -> nn.Module:
     with quiet_ao(backend):
         if mode == "dynamic":
             return quantize_dynamic(model)
-        return convert_static(prepare_static(model, backend))
+        return convert_static(prepare_static(model, backend, keep_fp32=transform.get("fp32_layers", ())))
 
 
 # --------------------------------------------------------------------------- the command's library call
@@ -223,9 +375,10 @@ class QuantizeSide(Measurement):
     """One model of the quantize report: the shared measurement, and what quantize adds."""
 
     layer_bytes: int = 0  # the weights and biases of the layers that are quantized
-    accuracy: float = 0.0  # test accuracy
+    accuracy: float = 0.0  # test accuracy (a language model's: next-token accuracy)
     loss: float = 0.0
-    macro_f1: float = 0.0
+    macro_f1: float | None = 0.0  # None for a language model
+    perplexity: float | None = None  # language models: exp(mean next-token loss) on the test text
 
     @property
     def file_bytes(self) -> int:  # the artifact's weights file: the measurement's size
@@ -264,23 +417,32 @@ class Candidate:
 
 
 def recommend(fp32_ms: dict[int, float], candidates: list[Candidate]) -> Recommendation:
-    """The fastest int8 path at the largest batch measured, when it beat fp32 by ``MIN_SPEEDUP`` at a
-    batch of at least ``RECOMMEND_BATCH``; else keep fp32. Pure: the latencies decide, nothing else."""
+    """The fastest int8 path at the largest batch measured among those that beat fp32 by
+    ``MIN_SPEEDUP`` at every measured batch of at least ``RECOMMEND_BATCH``; else keep fp32. A path
+    slower than fp32 at any such batch is never named. Pure: the latencies decide, nothing else."""
     batch = max(fp32_ms)
     if batch < RECOMMEND_BATCH:
         return Recommendation(KEEP_FP32, "torch", 1.0, None, f"int8 was timed only up to batch {batch}; "
                               f"a recommendation needs batch >= {RECOMMEND_BATCH}", batch)
     if not candidates:
         return Recommendation(KEEP_FP32, "torch", 1.0, None, "no int8 path was measured", batch)
-    best = min(candidates, key=lambda c: c.latency_ms[batch])
-    speedup = fp32_ms[batch] / best.latency_ms[batch]
-    measured = ", ".join(f"{c.path} {fp32_ms[batch] / c.latency_ms[batch]:.2f}x" for c in candidates)
-    if speedup < MIN_SPEEDUP:
+    big = sorted(b for b in fp32_ms if b >= RECOMMEND_BATCH)
+
+    def worst(c: Candidate) -> tuple[float, int]:  # its lowest speed-up over the big batches, and where
+        return min((fp32_ms[b] / c.latency_ms[b], b) for b in big)
+
+    measured = ", ".join(f"{c.path} " + "/".join(f"{fp32_ms[b] / c.latency_ms[b]:.2f}x" for b in big)
+                         for c in candidates)
+    at = f"batch {'/'.join(map(str, big))}"
+    fast = [c for c in candidates if worst(c)[0] >= MIN_SPEEDUP]
+    if not fast:
         return Recommendation(KEEP_FP32, "torch", 1.0, None,
-                              f"no int8 path measured at least {MIN_SPEEDUP:.2f}x faster than fp32 at batch {batch} "
-                              f"({measured})", batch)
-    return Recommendation(best.path, best.runtime, speedup, best.command,
-                          f"fastest at batch {batch} on this machine ({measured} against fp32)", batch)
+                              f"no int8 path measured at least {MIN_SPEEDUP:.2f}x faster than fp32 at every "
+                              f"{at} on this machine ({measured})", batch)
+    best = min(fast, key=lambda c: c.latency_ms[batch])
+    return Recommendation(best.path, best.runtime, fp32_ms[batch] / best.latency_ms[batch], best.command,
+                          f"fastest at batch {batch} and at least {MIN_SPEEDUP:.2f}x faster than fp32 at every "
+                          f"{at} on this machine ({measured})", batch)
 
 
 @dataclass
@@ -310,6 +472,8 @@ class QuantizeResult:
         for n in b.latency_ms:
             out[f"speedup_batch{n}"] = b.latency_ms[n] / a.latency_ms[n]
         out["accuracy_change_points"] = 100 * (a.accuracy - b.accuracy)
+        if a.perplexity is not None and b.perplexity:
+            out["perplexity_ratio"] = a.perplexity / b.perplexity
         return out
 
     def to_dict(self) -> dict:
@@ -370,9 +534,13 @@ class QuantizeOptions:
     out: Path | None = None
     data_dir: str | None = None
     repeats: int = 10  # timed runs per latency (batch 1: 4x as many; measure_models)
-    batches: tuple[int, ...] = (1, 256)
+    batches: tuple[int, ...] = (1, 64, 256)  # the recommendation needs int8 faster at every batch >= 64
     eval_samples: int | None = None  # the first N test samples; None: all
     seed: int = 0
+    # static: time each int8 layer against its float version here and keep the slower ones in fp32
+    # (``quantize_static``); ``fp32_layers`` are kept in fp32 whatever the timing says.
+    choose_layers: bool = True
+    fp32_layers: tuple[str, ...] = ()
     # int8: also time ONNX Runtime int8 of the float artifact for the recommendation (an ONNX export,
     # a few seconds). Off here so library calls stay quick; the command turns it on by default.
     onnxruntime: bool = False
@@ -410,7 +578,7 @@ def _quantize(art, final: Path, opts: QuantizeOptions, started: float) -> Quanti
     data = _load_data(art, opts)
     float_model = artifacts.load_model(art)
     model, history = _quantized_copy(float_model, art, data, opts)
-    transform = _transform(opts)
+    transform = _transform(opts, model)
     layers = _layers(model, float_model, opts.mode, art.model_name)
     x_test, y_test = data.test
     if opts.eval_samples is not None:  # the first N test samples: quicker, coarser accuracy
@@ -455,6 +623,9 @@ def _onnx_int8(art, opts: QuantizeOptions, tmp: Path, notes: list[str]) -> Path 
 
     if not opts.onnxruntime:
         notes.append("ONNX Runtime int8 not measured (--no-onnxruntime): the recommendation weighs PyTorch int8 only")
+        return None
+    if art.spec.task == "lm":
+        notes.append("ONNX Runtime int8 not measured: language models are compared in PyTorch only")
         return None
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
@@ -501,31 +672,30 @@ def _quantized_copy(float_model: nn.Module, art, data, opts: QuantizeOptions) ->
         with quiet_ao(opts.backend):
             quantize_dynamic(model)
     elif opts.mode == "static":
-        _calibrate_static(model, data.train[0], opts)
+        model = _calibrate_static(model, data.train[0], opts)
     else:
         history = _qat(model, art, data, opts.backend, opts.epochs, opts.lr, opts.seed)
     return model.eval(), history
 
 
-def _calibrate_static(model: nn.Module, x_train: torch.Tensor, opts: QuantizeOptions) -> None:
-    """Observers, ``calib_batches`` random training batches through them, then int8 modules."""
+def _calibrate_static(model: nn.Module, x_train: torch.Tensor, opts: QuantizeOptions) -> nn.Module:
+    """Observers, ``calib_batches`` random training batches through them, then int8 modules; the
+    per-layer choice (``quantize_static``) unless ``opts.choose_layers`` is off."""
     g = torch.Generator().manual_seed(opts.seed)
     idx = torch.randperm(len(x_train), generator=g)[: opts.calib_batches * opts.calib_batch_size]
-    with quiet_ao(opts.backend):
-        prepare_static(model, opts.backend)
-        with torch.no_grad():
-            for i in range(0, len(idx), opts.calib_batch_size):
-                model(x_train[idx[i : i + opts.calib_batch_size]])
-        convert_static(model)
+    batches = [x_train[idx[i : i + opts.calib_batch_size]] for i in range(0, len(idx), opts.calib_batch_size)]
+    return quantize_static(model, batches, opts.backend, keep_fp32=opts.fp32_layers, choose=opts.choose_layers)
 
 
-def _transform(opts: QuantizeOptions) -> dict:
+def _transform(opts: QuantizeOptions, model: nn.Module | None = None) -> dict:
     """The manifest's record of what was done (what ``rebuild`` and the codec read back)."""
     int8 = opts.mode in INT8_MODES
     transform = {"kind": KIND, "mode": opts.mode, "backend": opts.backend if int8 else None,
                  "storage": "int8" if int8 else opts.mode, "compute": "int8" if int8 else "fp32", "cpu_only": int8}
     if opts.mode == "static":
         transform.update(calib_batches=opts.calib_batches, calib_batch_size=opts.calib_batch_size)
+    if opts.mode in ("static", "qat") and model is not None and float_layer_names(model):
+        transform["fp32_layers"] = float_layer_names(model)  # kept float: rebuild wraps them again
     if opts.mode == "qat":
         transform.update(epochs=opts.epochs)
     return transform
@@ -572,10 +742,18 @@ def _measure(float_model, model, transform: dict, layers: list[str], art, test, 
     names = list(art.spec.class_names or range(art.spec.num_classes))
     sides = []
     for s, meas, lb in zip(subjects, measured, layer_bytes):
+        fields = {f.name: getattr(meas, f.name) for f in dataclasses.fields(meas)}
+        if art.spec.task == "lm":  # a language model: perplexity on the test text
+            from dlkit.lm.evaluate import evaluate_lm
+
+            with quiet_ao(opts.backend if int8 else torch.backends.quantized.engine):
+                ev = evaluate_lm(s.model, x_test, y_test, split="test", batch_size=64, precision=s.precision)
+            sides.append(QuantizeSide(**fields, layer_bytes=lb, accuracy=ev.accuracy, loss=ev.loss, macro_f1=None,
+                                      perplexity=ev.perplexity))
+            continue
         with quiet_ao(opts.backend if int8 else torch.backends.quantized.engine):
             ev = evaluate_model(s.model, x_test, y_test, class_names=names, split="test", batch_size=256,
                                 device=torch.device("cpu"), precision=s.precision, channels_last=meas.channels_last)
-        fields = {f.name: getattr(meas, f.name) for f in dataclasses.fields(meas)}
         sides.append(QuantizeSide(**fields, layer_bytes=lb, accuracy=ev.accuracy, loss=ev.loss,
                                   macro_f1=ev.macro_f1))
     return sides[0], sides[1], ort
@@ -608,6 +786,9 @@ def _write(final: Path, model, transform: dict, art, before: QuantizeSide, after
     metrics = {"test_accuracy": after.accuracy, "test_loss": after.loss, "test_macro_f1": after.macro_f1,
                **{f"latency_ms_batch{n}": after.latency_ms[n] for n in opts.batches},
                "test_accuracy_before": before.accuracy}
+    if after.perplexity is not None:  # a language model
+        metrics.update(test_perplexity=after.perplexity, test_perplexity_before=before.perplexity)
+        del metrics["test_macro_f1"]
     options = {"mode": opts.mode, "backend": transform["backend"],
                "calib_batches": opts.calib_batches if opts.mode == "static" else None,
                "epochs": opts.epochs if opts.mode == "qat" else None, "seed": opts.seed}
@@ -623,8 +804,9 @@ def _verify(final: Path, model, art, x_test: torch.Tensor, after: QuantizeSide, 
 
     int8 = opts.mode in INT8_MODES
     reloaded = artifacts.load_model(artifacts.read_artifact(final))
-    if not int8:
-        prepare_inference(reloaded, torch.device("cpu"), art.spec.input_shape)  # same memory format
+    # prepared as the measurement prepared it: float convs left in an int8 model (dynamic int8 of a
+    # cnn, a layer kept in fp32) run in channels_last there, and their weights' layout picks the kernel
+    prepare_inference(reloaded, torch.device("cpu"), art.spec.input_shape)
     probe = x_test[:64]
     with quiet_ao(opts.backend if int8 else torch.backends.quantized.engine):
         verified = torch.equal(_outputs(model, probe, after.precision, after.channels_last),
@@ -637,6 +819,10 @@ def _verify(final: Path, model, art, x_test: torch.Tensor, after: QuantizeSide, 
 def _notes(model, before: QuantizeSide, after: QuantizeSide, opts: QuantizeOptions) -> list[str]:
     notes = [f"slower than the original at batch {n} ({after.latency_ms[n]:.2f} ms against "
              f"{before.latency_ms[n]:.2f} ms)" for n in opts.batches if after.latency_ms[n] > before.latency_ms[n]]
+    kept = float_layer_names(model)
+    if kept:
+        notes.append(f"kept in fp32 (their int8 kernels measured slower on this CPU, or --fp32-layers): "
+                     f"{', '.join(kept)}")
     if opts.mode == "dynamic" and any(type(m) is nn.RNN for m in model.modules()):
         notes.append("nn.RNN (tanh) has no dynamic int8 kernel: it stays fp32, only the head is int8")
     return notes

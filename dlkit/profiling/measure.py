@@ -9,7 +9,11 @@ pair of models gets the same speed-up everywhere. Each model is
   ids are valid; :func:`example_batch` otherwise draws random ones);
 - timed in round-robin: every repeat runs each model once, in turn, so load on a shared machine
   falls on all of them alike; the median of the repeats is reported, CUDA synchronised around
-  every run.
+  every run;
+- checked for a busy machine: the 1-minute load average is read before and after the timing; when
+  it exceeds the cores this process may use, ``Measurement.busy`` says so (and a note goes to
+  stderr unless --quiet), so whoever reads the numbers knows the absolute milliseconds are inflated (ratios hold
+  better: the runs alternated).
 
 Timings assume freed memory is kept in the process (``dlkit.malloc.keep_freed_memory``, which the
 ``dlkit`` command and the benchmarks call at start-up): without it glibc's page faults depend on
@@ -28,7 +32,9 @@ on the CPU), counted on its PyTorch model, and its size is its file's bytes (``s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,6 +42,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger("dlkit")
 
 SMALL_BATCH = 16  # batches below this are short and noisy: they run SMALL_FACTOR times as often
 SMALL_FACTOR = 4
@@ -56,9 +64,35 @@ class Measurement:
     precision: str
     channels_last: bool
     runtime: str = "torch"
+    load_average: float | None = None  # the highest 1-minute load average seen around the timing
+    cores: int = 0  # the cores this process may use
+    busy: str | None = None  # set when load_average exceeded cores: the latencies ran on a busy machine
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the system does not tell it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(load: float | None, cores: int) -> str | None:
+    """A sentence for the report when ``load`` exceeded ``cores``, else None."""
+    if load is None or load <= cores:
+        return None
+    return (f"busy machine: load average {load:.1f} on {cores} core{'s' if cores != 1 else ''} while timing; "
+            f"absolute latencies are inflated (the runs alternated, so ratios are less affected)")
 
 
 @dataclass
@@ -81,10 +115,17 @@ def example_batch(spec, batch: int, data=None) -> torch.Tensor:
     """``batch`` real test samples when ``data`` is at hand (valid token ids), else random ones."""
     if data is not None and len(data.test[0]) >= 1:
         return repeat_to(data.test[0], batch).clone()
+    return random_input(batch, spec.input_shape, vocab_size=spec.vocab_size if spec.modality == "text" else None)
+
+
+def random_input(batch: int, shape: tuple[int, ...], *, vocab_size: int | None = None, low: int = 1) -> torch.Tensor:
+    """The same random batch for the same arguments (seed 0): ``batch`` samples of ``shape``, standard
+    normal floats, or with ``vocab_size`` token ids (int64) drawn from ``low`` .. ``vocab_size - 1``
+    (dlkit's text models keep id 0 for padding; a user's module takes ``low=0``)."""
     g = torch.Generator().manual_seed(0)
-    if spec.modality == "text":
-        return torch.randint(1, spec.vocab_size, (batch, *spec.input_shape), generator=g)
-    return torch.randn(batch, *spec.input_shape, generator=g)
+    if vocab_size is not None:
+        return torch.randint(min(low, vocab_size - 1), vocab_size, (batch, *shape), generator=g)
+    return torch.randn(batch, *shape, generator=g)
 
 
 def repeat_to(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -102,9 +143,19 @@ def weights_bytes(model: nn.Module, transform: dict | None = None) -> int:
         from dlkit import artifacts
 
         tensors = artifacts.CODECS.get(transform["kind"]).encode(model, transform)
-    else:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return len(save(tensors))
+        return len(save(tensors))
+    # As safetensors' save_model writes an artifact: a tensor shared by several names (a tied LM
+    # head) is stored once, under one name, the others recorded in the metadata.
+    from safetensors.torch import _remove_duplicate_names
+
+    state = model.state_dict()
+    metadata: dict[str, str] | None = None
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata = metadata or {}
+            metadata.setdefault(name, kept)
+            del state[name]
+    return len(save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=metadata))
 
 
 def count_zeros(model: nn.Module) -> int:
@@ -135,13 +186,21 @@ def measure_models(subjects: list[Subject], *, device: torch.device | str = "cpu
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    loads = [load_average()]
     try:
         latency = {b: _round_robin(subjects, layouts, dev, b, runs[b]) for b in batches}
     finally:
         torch.set_num_threads(previous)
+    loads.append(load_average())
+    load = max((v for v in loads if v is not None), default=None)
+    cores = usable_cores()
+    busy = busy_note(load, cores)
+    if busy:  # on stderr beside every command's numbers (not under --quiet: a note, not a problem)
+        log.info(busy)
     return [Measurement(params=p, macs=m, size_bytes=size, zeros=z,
                         latency_ms={b: latency[b][i] for b in batches}, repeats=dict(runs), device=str(dev),
-                        precision=s.precision, channels_last=cl, runtime=s.runtime)
+                        precision=s.precision, channels_last=cl, runtime=s.runtime, load_average=load, cores=cores,
+                        busy=busy)
             for i, (s, cl, (p, m, size, z)) in enumerate(zip(subjects, layouts, counts))]
 
 
