@@ -353,7 +353,9 @@ def test_files_are_explained_as_the_same_test_samples(cnn, tmp_path):
     a = np.load(ig_test.folder / "attributions.npz")["attributions"][0]
     b = np.load(ig_png.folder / "attributions.npz")["attributions"][0]
     assert ig_png.samples[0].prediction == ig_test.samples[0].prediction
-    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # digits' 17 grey levels are not 8-bit ones
+    # digits' 17 grey levels are not 8-bit ones: the rounded image's map is near, not equal (relative
+    # L2 distance 14% with this fixture's cnn, trained with label smoothing since the cnn's defaults took it)
+    assert np.linalg.norm(a - b) < 0.2 * np.linalg.norm(a), np.linalg.norm(a - b) / np.linalg.norm(a)
 
 
 def test_cli_input_rules_and_unreadable_files(cnn, tmp_path):
