@@ -202,7 +202,7 @@ def recommend(rows: list[dict]) -> dict[str, str]:
         elif ok:
             best = max(ok, key=lambda r: r["ratios"]["size"])
             out[model] = (f"{best['mode']} for size only ({best['ratios']['size']:.1f}x smaller; "
-                          f"no mode was faster than fp32 at batch 64 and 256)")
+                          f"no mode within 0.5 point was faster than fp32 at batch 64 and 256)")
         else:
             out[model] = "keep fp32 (every mode lost more than 0.5 point)"
     return out
