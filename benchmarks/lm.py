@@ -191,12 +191,16 @@ def dlkit_train(data_dir: Path, out: Path, steps: int, seed: int, extra: list[st
     doc = json.loads(res.stdout)
     rates = [r["samples_per_s"] for r in doc["history"]]
     return {"val_loss": doc["metrics"]["val_loss"], "tokens_per_s": median(rates),
+            "precision": doc["train_config"]["precision"],
             "wall_s": time.perf_counter() - started, "artifact": doc["artifact"]}
 
 
 def part1(args, text_file: Path, tmp: Path) -> dict:
     extra = args.dlkit_args.split()
     contenders = {"dlkit": lambda r: dlkit_train(args.data_dir, tmp / f"dlkit-{r}", args.steps, r, extra)}
+    if "--precision" not in extra:  # dlkit's own choice of precision, and fp32 beside it
+        contenders["dlkit-fp32"] = lambda r: dlkit_train(args.data_dir, tmp / f"dlkit-fp32-{r}", args.steps, r,
+                                                         [*extra, "--precision", "fp32"])
     if args.nanogpt:
         prepare_nanogpt(args.nanogpt, text_file)
         contenders["nanogpt"] = lambda r: nanogpt_run(args.nanogpt, args.steps, tmp / f"nanogpt-{r}")
@@ -211,12 +215,16 @@ def part1(args, text_file: Path, tmp: Path) -> dict:
             print(f"round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr)
     other = "nanogpt" if args.nanogpt else "plain"
     summary = {k: {m: median([x[m] for x in v]) for m in ("val_loss", "tokens_per_s", "wall_s")} for k, v in runs.items()}
-    speed = summary["dlkit"]["tokens_per_s"] / summary[other]["tokens_per_s"]
+    for k, v in runs.items():
+        summary[k]["precision"] = v[0].get("precision", "fp32")
+        summary[k]["vs_" + other] = summary[k]["tokens_per_s"] / summary[other]["tokens_per_s"]
+    speed = summary["dlkit"]["vs_" + other]
     print_table(f"Part 1: {args.steps} steps, batch 12 x 64 tokens, medians of {args.rounds} round(s)",
-                ["contender", "val loss", "tokens/s", "wall s"],
-                [[k, f"{v['val_loss']:.4f}", f"{v['tokens_per_s']:,.0f}", f"{v['wall_s']:.1f}"] for k, v in summary.items()])
-    print(f"dlkit / {other} tokens/s: {speed:.2f}x (target >= 1.3x); dlkit val loss "
-          f"{summary['dlkit']['val_loss']:.4f} (target <= 1.88)")
+                ["contender", "precision", "val loss", "tokens/s", f"vs {other}", "wall s"],
+                [[k, v["precision"], f"{v['val_loss']:.4f}", f"{v['tokens_per_s']:,.0f}", f"{v['vs_' + other]:.2f}x",
+                  f"{v['wall_s']:.1f}"] for k, v in summary.items()])
+    print(f"dlkit ({summary['dlkit']['precision']}, its own choice here) / {other} tokens/s: {speed:.2f}x "
+          f"(target >= 1.3x); dlkit val loss {summary['dlkit']['val_loss']:.4f} (target <= 1.88)")
     return {"steps": args.steps, "rounds": args.rounds, "against": other, "dlkit_args": extra, "runs": runs,
             "summary": summary,
             "speedup": speed, "targets": {"val_loss_max": 1.88, "speedup_min": 1.3}}

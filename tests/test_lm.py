@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dlkit import artifacts
 from dlkit.cli import app
 from dlkit.data import load_dataset
+from dlkit.device import autocast
 from dlkit.engine.trainer import TrainConfig, fit
 from dlkit.models import create_model
 from dlkit.spec import LM, TEXT, DataSpec
@@ -123,8 +124,8 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(periodic, tmp_path):
     ids = torch.tensor([chars.index(c) for c in other.read_text()])
     n = (len(ids) - 1) // 24
     x, y = ids[: n * 24].view(n, 24), ids[1 : n * 24 + 1].view(n, 24)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(x), -1)
+    with torch.no_grad(), autocast(torch.device("cpu"), art.precision):  # evaluated as it was trained
+        logp = torch.log_softmax(model(x).float(), -1)
     by_hand = -logp.gather(-1, y[..., None]).mean().item()
     assert doc["loss"] == pytest.approx(by_hand, rel=1e-5)
     assert doc["perplexity"] == pytest.approx(math.exp(by_hand), rel=1e-5)
@@ -316,11 +317,12 @@ def test_profile_reports_lm_cost_by_hand(periodic):
     doc = json.loads(res.stdout)
     lm = doc["lm"]
     d, depth, ffn, seq = 32, 2, 64, 24
-    vocab = artifacts.read_artifact(out).spec.vocab_size
+    art = artifacts.read_artifact(out)
+    vocab, element = art.spec.vocab_size, 4 if art.precision == "fp32" else 2  # bf16 where dlkit chose it
     per_token = depth * (4 * d * d + 2 * d * ffn + 2 * seq * d) + d * vocab  # q k v proj, fc1 fc2, qk^T and pv, head
     assert lm["seq_len"] == seq and lm["macs_per_token"] == per_token
     assert 2.5 * per_token < lm["training_macs_per_token"] < 3.5 * per_token  # backward about twice the forward
-    assert lm["kv_cache_bytes_per_token"] == depth * 2 * d * 4  # keys and values, fp32
+    assert lm["kv_cache_bytes_per_token"] == depth * 2 * d * element  # keys and values
     assert lm["kv_cache_bytes_per_sequence"] == seq * lm["kv_cache_bytes_per_token"]
     assert lm["prefill"]["median_ms"] > 0 and lm["decode"]["tokens_per_s"] > 0
     classifier = json.loads(run("profile", "mlp", "--dataset", "digits", "--json", "--no-latency").stdout)
