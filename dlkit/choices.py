@@ -7,6 +7,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 PROFILE_OPTIMIZERS = (*OPTIMIZERS, "none")  # whose state a profiled training step holds
 INPUT_DTYPES = ("float", "long")  # profile/compare file.py:Name: float tensors or token ids (int64)
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
+# dlkit train: how several workers hold the model (ddp: a replica each; fsdp: FSDP2 shards of
+# parameters, gradients and optimizer state), and activation checkpointing per block
+TRAIN_STRATEGIES = ("ddp", "fsdp")
+TRAIN_CHECKPOINTING = ("none", "full")
 SPLITS = ("train", "val", "test")
 # dlkit train --dataset text-lm: char, bpe, or hf (the hf: model's own; hf:NAME names another's)
 TOKENIZERS = ("char", "bpe", "hf")

@@ -44,11 +44,13 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
                     state: TrainState, extra: dict) -> None:
     """Write the checkpoint into ``folder`` atomically, so that it is always whole: the previous one
     survives a kill or a full disk. ``optimizer`` None: a run that has not started (its first
-    checkpoint). Tensors go to safetensors, the rest to JSON: loading never runs code."""
-    tensors, aliases = _model_tensors(model)
+    checkpoint). Tensors go to safetensors, the rest to JSON: loading never runs code. A model
+    sharded by FSDP is saved unsharded (``gather_state``: the other ranks call ``take_part``)."""
+    model_sd, opt_sd = gather_state(model, optimizer)
+    tensors, aliases = _model_tensors(model_sd)
     opt_meta = None
-    if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if opt_sd is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(opt_sd)
         tensors.update(opt_tensors)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -77,11 +79,32 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         old.unlink(missing_ok=True)
 
 
-def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict or None) as one process holding the whole model
+    would have them. For a model sharded by FSDP they are gathered: a collective, so every rank
+    calls this at the same point (rank 0 through ``save_checkpoint``, the others through
+    ``take_part``)."""
+    from dlkit.engine import fsdp
+
+    if fsdp.is_sharded(model):
+        model_sd = fsdp.full_state_dict(model)
+        return model_sd, None if optimizer is None else fsdp.full_optimizer_state(optimizer)
+    return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+
+
+def take_part(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """A rank other than 0, while rank 0 saves a checkpoint: join the gathers of a sharded model."""
+    from dlkit.engine import fsdp
+
+    if fsdp.is_sharded(model):
+        gather_state(model, optimizer)
+
+
+def _model_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict as ``model.<name>`` tensors, each storage once: a tied weight (a language
     model's head and token embedding) is stored under its first name, the others are aliases."""
     tensors, aliases, first = {}, {}, {}
-    for k, v in model.state_dict().items():
+    for k, v in state_dict.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
         if v.numel() and key in first:
             aliases[k] = first[key]

@@ -1,5 +1,9 @@
 """Distributed data parallel through ``torch.distributed``: the worker side and a local launcher.
 
+Two strategies share everything below: ``ddp`` (DistributedDataParallel: a full replica per
+worker, gradients all-reduced) and ``fsdp`` (FSDP2: each worker holds a shard of the parameters,
+gradients and optimizer state; engine.fsdp).
+
 Workers are started by the standard elastic launcher, either ``torchrun ... -m dlkit train ...``
 (any number of machines) or ``dlkit train ... --nproc N`` (N local workers through the same
 launcher's Python API, see ``launch``). A worker recognises the variables the launcher sets
@@ -12,10 +16,12 @@ Semantics (the same for both launchers):
   seeded epoch permutation); rank ``r`` takes every ``world``-th of them (``batch[r::world]``).
   So each rank sees its own shard of every epoch, shards never overlap, and every sample is used
   once per epoch: nothing is dropped or padded, except that a rank whose part of a short last
-  batch would be empty computes one sample with weight zero (DDP needs every rank in every step).
-- The loss is weighted so that DDP's gradient average equals the gradient of the mean over the
-  global batch, even when the ranks' parts differ by one sample. The learning rate is therefore
-  not scaled: a run with --nproc N follows the same global batches as one process.
+  batch would be empty computes one sample with weight zero (DDP and FSDP need every rank in
+  every step).
+- The loss is weighted so that the gradient average over ranks (DDP's all-reduce, FSDP's
+  reduce-scatter) equals the gradient of the mean over the global batch, even when the ranks'
+  parts differ by one sample. The learning rate is therefore not scaled: a run with --nproc N
+  follows the same global batches as one process.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dlkit.errors import DlkitError, TrainingError
 log = logging.getLogger("dlkit")
 
 TEST_FAIL_RANK = "DLKIT_TEST_FAIL_RANK"  # test-only: this rank kills itself (SIGKILL) at step 3
+TEST_STOP_STEP = "DLKIT_TEST_STOP_STEP"  # test-only: rank 0 sends itself SIGTERM after this step (a stop request)
 
 
 def env_world_size() -> int:
@@ -114,7 +121,13 @@ class DistContext:
             return batch[:1], 0.0
         return part, 1.0
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, device: torch.device, strategy: str = "ddp") -> torch.nn.Module:
+        """The module the training step calls: DDP's wrapper around a replica, or for ``fsdp`` the
+        model itself, sharded in place (engine.fsdp). Build the optimizer after this."""
+        if strategy == "fsdp":
+            from dlkit.engine.fsdp import shard
+
+            return shard(model, device, self.world_size)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -137,9 +150,12 @@ class DistContext:
         return digests
 
     def test_hook(self, step: int) -> None:
-        """Test-only: with DLKIT_TEST_FAIL_RANK=r, rank r is killed at step 3 (a crashed worker)."""
+        """Test-only: with DLKIT_TEST_FAIL_RANK=r, rank r is killed at step 3 (a crashed worker); with
+        DLKIT_TEST_STOP_STEP=n, rank 0 is asked to stop (SIGTERM) after step n."""
         if os.environ.get(TEST_FAIL_RANK) == str(self.rank) and step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.rank == 0 and os.environ.get(TEST_STOP_STEP) == str(step):
+            os.kill(os.getpid(), signal.SIGTERM)  # as from outside: every rank stops after this step
 
 
 @dataclass(frozen=True)
@@ -179,7 +195,9 @@ class LocalContext:
     def shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
         return batch, 1.0
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, device: torch.device, strategy: str = "ddp") -> torch.nn.Module:
+        if strategy == "fsdp":
+            raise fsdp_needs_workers()
         return model
 
     def test_hook(self, step: int) -> None:
@@ -187,6 +205,14 @@ class LocalContext:
 
 
 Context = DistContext | LocalContext
+
+
+def fsdp_needs_workers() -> DlkitError:
+    from dlkit.errors import UsageError
+
+    return UsageError("--strategy fsdp shards the model over several workers, and this is one process",
+                      hint="add --nproc 2 (or more), or launch with torchrun; one process trains unsharded "
+                           "without --strategy")
 
 
 def setup(device: torch.device) -> tuple[DistContext | None, torch.device]:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dlkit.choices import TRAIN_CHECKPOINTING, TRAIN_STRATEGIES
 from dlkit.device import autocast, check_precision, uses_channels_last
 from dlkit.engine.distributed import Context, LocalContext
 from dlkit.engine.evaluate import predict_logits
@@ -43,6 +44,13 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps of the run; 0: --epochs passes over the training text
     eval_every: int = 0  # steps between validations (and checkpoints); 0: once per pass over the text
     eval_batches: int = 0  # validation batches (of --batch-size windows) per check; 0: every window
+    # Past one device and past full fine-tuning (issue 16).
+    strategy: str = "ddp"  # with several workers: ddp (a replica each) or fsdp (FSDP2 shards)
+    checkpointing: str = "none"  # none, or full: each block's activations recomputed in the backward pass
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, the base frozen
+    lora_alpha: float = 0.0  # LoRA scale numerator (the update is alpha / rank * B A); 0: 2 * rank
+    lora_targets: str = ""  # comma-separated Linear names (suffixes) to adapt; "": the family's attention q, v
+    merge: bool = False  # LoRA: write the merged weights instead of base reference + adapters
 
     def validate(self) -> "TrainConfig":
         problems = []
@@ -65,6 +73,16 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.strategy not in TRAIN_STRATEGIES:
+            problems.append(f"unknown strategy '{self.strategy}' (choose {', '.join(TRAIN_STRATEGIES)})")
+        if self.checkpointing not in TRAIN_CHECKPOINTING:
+            problems.append(f"unknown checkpointing '{self.checkpointing}' (choose {', '.join(TRAIN_CHECKPOINTING)})")
+        if self.lora_rank < 0:
+            problems.append(f"--lora-rank must be >= 0 (got {self.lora_rank})")
+        if self.lora_alpha < 0:
+            problems.append(f"lora_alpha must be >= 0 (got {self.lora_alpha})")
+        if not self.lora_rank and (self.lora_targets or self.merge):
+            problems.append("--lora-targets and --merge need --lora-rank")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"unknown optimizer '{self.optimizer}' (choose {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
@@ -210,6 +228,7 @@ class _Run:
         global_n = len(idx)
         idx, weight = self.ctx.shard(idx)
         xb, yb = self.batch(idx)
+        self.optimizer.zero_grad(set_to_none=True)  # before the forward: old gradients not held with activations
         with autocast(self.device, cfg.precision):
             logits = self.net(xb)
         if self.seq_len is not None:  # every position predicts its next token
@@ -217,7 +236,6 @@ class _Run:
         loss, objective = self.ctx.loss(logits, yb, cfg.label_smoothing, weight, global_n)
         if weight == 0:  # a stand-in sample (distributed, short last batch): computed, not counted
             logits, yb = logits[:0], yb[:0]
-        self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -343,20 +361,28 @@ def _schedule(n: int, cfg: TrainConfig, seq_len: int | None) -> tuple[int, int, 
 def _start(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, *,
            device: torch.device, seed: int, augment: str | None, optimizer_state: dict | None, ctx: Context,
            seq_len: int | None = None) -> _Run:
-    """Move the model to the device, build the optimizer (restored when resuming), wrap for DDP."""
+    """Move the model to the device, wrap it for DDP or shard it for FSDP, then build the optimizer
+    over what the wrapper holds (FSDP's shards), restored when resuming."""
     x, y = train
     if len(x) == 0:
         raise UsageError("the training split is empty")
     channels_last = uses_channels_last(model, tuple(x.shape))
     model.to(device)
-    if channels_last:
+    if channels_last and cfg.strategy != "fsdp":  # FSDP2 shards contiguous parameters only (the inputs stay NHWC)
         model.to(memory_format=torch.channels_last)
+    net = ctx.wrap(model, device, cfg.strategy)
     optimizer = make_optimizer(cfg.optimizer, param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, beta2=cfg.beta2)
-    if optimizer_state is not None:
+    if cfg.strategy == "fsdp":
+        from dlkit.engine import fsdp
+
+        fsdp.track_optimizer(model, optimizer)
+        if optimizer_state is not None:  # a checkpoint holds the full state: each rank takes its shard
+            fsdp.load_optimizer_state(optimizer, optimizer_state)
+    elif optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     steps_per_epoch, total_steps, epochs = _schedule(len(x), cfg, seq_len)
-    return _Run(model=model, net=ctx.wrap(model, device), optimizer=optimizer, x=x, y=y, cfg=cfg, device=device,
+    return _Run(model=model, net=net, optimizer=optimizer, x=x, y=y, cfg=cfg, device=device,
                 seed=seed, ctx=ctx, aug=AUGMENTATIONS[augment] if (cfg.augment and augment) else None,
                 channels_last=channels_last, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                 sync_every=1 if device.type == "cpu" else 25, epochs=epochs, seq_len=seq_len)
