@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from dlkit import artifacts, output
-from dlkit.device import native_bf16, prepare_inference, resolve_device
+from dlkit.device import default_precision, native_bf16, prepare_inference, resolve_device
 from dlkit.engine import distributed
 from dlkit.engine.distributed import Context, LocalContext, env_world_size
 from dlkit.engine.evaluate import EvalResult, evaluate_model
@@ -63,8 +63,20 @@ class TrainRequest:
         return self
 
     def train_config(self) -> TrainConfig:
-        """Global defaults, then the model's, then the dataset's, then the options given."""
-        return resolve_train_config(self.model, self.options, self.dataset)
+        """Global defaults, then the model's, then the dataset's, then the options given; without
+        ``--precision``, the precision dlkit chooses for the model on this device."""
+        cfg = resolve_train_config(self.model, self.options, self.dataset)
+        if self.options.get("precision") is None:
+            cfg = dataclasses.replace(cfg, precision=self.precision_choice()[0])
+        return cfg
+
+    def precision_choice(self) -> tuple[str, str]:
+        """(precision, why) when ``--precision`` is not given (dlkit.device.default_precision)."""
+        if self.options.get("precision") is not None:
+            return self.options["precision"], "--precision given"
+        name = artifacts.read_artifact(self.model).model_name if artifacts.is_artifact_folder(self.model) \
+            else self.model  # training from an artifact: its model's choice
+        return default_precision(name, resolve_device(self.device))
 
 
 @dataclass
@@ -96,6 +108,8 @@ class TrainResult:
 
 
 def default_out(model: str, dataset: str) -> Path:
+    if artifacts.is_artifact_folder(model):  # training from an artifact: named after its folder
+        model = Path(model).resolve().name
     return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -122,6 +136,8 @@ def check_train_request(request: TrainRequest, world_size: int = 1) -> tuple[Tra
 
 def _train_config(request: TrainRequest, world_size: int) -> TrainConfig:
     cfg = request.validate().train_config()
+    if cfg.strategy == "fsdp" and world_size < 2:
+        raise distributed.fsdp_needs_workers()
     if cfg.batch_size < world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the "
                          f"{world_size} workers", hint="raise --batch-size")
@@ -165,6 +181,7 @@ class _Job:
     data: DataBundle
     model: torch.nn.Module
     model_cfg: object
+    origin: object = None  # dlkit.engine.lora.Origin: the starting weights and the LoRA adapters
 
     @property
     def work(self) -> Path:
@@ -191,7 +208,8 @@ class _Job:
 
 def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, observer: Observer | None,
                  should_stop: Callable[[], bool], download_progress) -> TrainResult | None:
-    from dlkit.models import create_model
+    from dlkit.engine import recompute
+    from dlkit.engine.lora import Origin
 
     started = time.perf_counter()
     if ctx.is_main:  # rank 0 writes; the others checking too would race for the destination's lock
@@ -199,11 +217,16 @@ def _train_model(request: TrainRequest, ctx: Context, device: torch.device, *, o
         _warn_emulated_bf16(cfg, device)
     else:
         cfg, final = _train_config(request, ctx.world_size), _destination(request)
-    data = _load_data(request, ctx, download_progress)
+    origin = Origin.of(request, cfg)  # random, hf: or an artifact's weights; checked before the data loads
+    data = _load_data(request, ctx, download_progress, state=origin.data_state(request))
     torch.manual_seed(request.seed)
-    model, model_cfg = create_model(request.model, data.spec, request.overrides)
+    model, model_cfg = origin.build(request, data.spec)
     _check_task(request.model, model, data)
-    run = _Job(request, cfg, ctx, device, final, data, model, model_cfg)
+    if cfg.lora_rank:
+        origin.attach_lora(model, cfg)
+    if blocks := recompute.enable(model, cfg.checkpointing):
+        log.info("checkpointing: %d blocks recompute their activations in the backward pass", blocks)
+    run = _Job(request, cfg, ctx, device, final, data, model, model_cfg, origin)
     state, opt_state = _resume(run) if request.resume else _begin(run)
     if not ctx.is_main:
         return _follow_main(run, state, opt_state, should_stop)
@@ -221,13 +244,14 @@ def _train_and_save(run: _Job, state: TrainState | None, opt_state: dict | None,
                     should_stop: Callable[[], bool], started: float) -> TrainResult:
     from dlkit.engine.checkpoint import remove_checkpoint
 
-    ctx, model, cfg, final = run.ctx, run.model, run.cfg, run.final
+    ctx, cfg, final = run.ctx, run.cfg, run.final
     ddp = _describe_distributed(ctx, cfg)
     with _log_to_file(run.work):
         _log_start(run, ddp)
         state = _train_main(run, state, opt_state, observer or Observer(), should_stop)
-        if ddp:  # every replica must hold the same weights: check and record it
-            ddp["parameter_sha256"] = ctx.parameter_digests(model)
+        if ddp:
+            _finish_distributed(run, ddp)
+        model = run.model
         val, test, metrics = _final_metrics(run, state)
         manifest = _manifest(run, metrics, ddp)
         _plots(run, state, test)
@@ -264,14 +288,15 @@ def _warn_emulated_bf16(cfg: TrainConfig, device: torch.device) -> None:
                     "several times slower than fp32 here", device.type.upper())
 
 
-def _load_data(request: TrainRequest, ctx: Context, download_progress) -> DataBundle:
-    """Load the dataset; with several workers on a machine, local rank 0 loads (and downloads) first."""
+def _load_data(request: TrainRequest, ctx: Context, download_progress, state: dict | None = None) -> DataBundle:
+    """Load the dataset; with several workers on a machine, local rank 0 loads (and downloads) first.
+    ``state``: a data state to reuse (an artifact's tokenizer, when training starts from it)."""
     from dlkit.data import load_dataset
 
     if ctx.local_rank != 0:
         ctx.barrier()
     data = load_dataset(request.dataset, data_dir=request.data_dir, val_fraction=request.val_fraction,
-                        seed=request.seed, progress=download_progress, options=_data_options(request))
+                        seed=request.seed, state=state, progress=download_progress, options=_data_options(request))
     if ctx.local_rank == 0:
         ctx.barrier()
     return data
@@ -300,11 +325,34 @@ def _resume(run: _Job) -> tuple[TrainState, dict]:
 def _follow_main(run: _Job, state: TrainState | None, opt_state: dict | None,
                  should_stop: Callable[[], bool]) -> None:
     """A worker other than rank 0: train in step with it; rank 0 writes everything."""
-    state, _ = run.fit(state, opt_state, should_stop=should_stop)
+    from dlkit.engine.checkpoint import take_part
+
+    state, optimizer = run.fit(state, opt_state, should_stop=should_stop,
+                               on_epoch_end=lambda st, opt: take_part(run.model, opt))
     if not state.completed:
+        take_part(run.model, optimizer)  # rank 0 gathers a sharded model's checkpoint
         run.ctx.barrier()  # wait for rank 0's checkpoint
         raise Interrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}")
-    run.ctx.parameter_digests(run.model)
+    _finish_distributed(run, None)
+
+
+def _finish_distributed(run: _Job, ddp: dict | None) -> None:
+    """Every rank, after training (collectives): DDP's replicas must be equal, which is checked
+    and recorded; FSDP's shards are measured, then gathered into one plain model on rank 0, which
+    takes the place of the sharded one (``ddp``: rank 0's record, None on the others)."""
+    from dlkit.engine import fsdp
+
+    if not fsdp.is_sharded(run.model):
+        digests = run.ctx.parameter_digests(run.model)
+        if ddp is not None:
+            ddp["parameter_sha256"] = digests
+        return
+    held: list = [None] * run.ctx.world_size
+    torch.distributed.all_gather_object(held, fsdp.local_bytes(run.model))
+    plain = fsdp.gather_model(run.model, run.ctx.rank)
+    if ddp is not None:
+        ddp["bytes_per_rank"] = held
+        run.model = plain
 
 
 @contextlib.contextmanager
@@ -326,6 +374,8 @@ def _log_start(run: _Job, ddp: dict | None) -> None:
     r, cfg = run.request, run.cfg
     log.info("training %s on %s (from %s) on %s", r.model, r.dataset, run.data.source, run.device)
     log.debug("training config: %s; model config: %s", dataclasses.asdict(cfg), run.model_cfg)
+    if r.options.get("precision") is None and cfg.precision != "fp32":
+        log.info("%s", r.precision_choice()[1])
     if ddp:
         log.info("distributed: %d workers (%s), global batch %d = about %d per worker; lr %g is not scaled "
                  "(--batch-size is the global batch, the same as one process); %d threads per worker (%s)",
@@ -437,11 +487,15 @@ def _manifest(run: _Job, metrics: dict, ddp: dict | None) -> dict:
     from dlkit.models import model_entry
 
     r, cfg = run.request, run.cfg
+    name = run.origin.model_name if run.origin else r.model  # an artifact's model, when it was the start
     manifest = artifacts.new_manifest(
-        model_name=r.model, family=model_entry(r.model).family, config=_config_dict(run.model_cfg),
+        model_name=name, family=model_entry(name).family, config=_config_dict(run.model_cfg),
         spec=run.data.spec, dataset=r.dataset, data_state=run.data.state, seed=r.seed, precision=cfg.precision)
     options = {"train_config": dataclasses.asdict(cfg), "overrides": r.overrides, "val_fraction": r.val_fraction,
-               "device": str(run.device), "distributed": ddp, "data_options": r.data_options}
+               "device": str(run.device), "distributed": ddp, "data_options": r.data_options,
+               "precision_reason": r.precision_choice()[1]}
+    if run.origin:  # with --merge, the adapters are merged into run.model here: an ordinary artifact is written
+        run.origin.record(manifest, options, run.model, merge_now=cfg.merge)
     manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
     manifest["metrics"] = metrics
     return manifest
@@ -459,8 +513,8 @@ def _describe_distributed(ctx: Context, cfg: TrainConfig) -> dict | None:
     """The run's distributed settings for the result and the manifest; None for one process."""
     if ctx.world_size == 1:
         return None
-    return {"world_size": ctx.world_size, "backend": ctx.backend, "global_batch": cfg.batch_size,
-            "batch_per_worker": -(-cfg.batch_size // ctx.world_size), "lr_scale": 1.0,
+    return {"world_size": ctx.world_size, "strategy": cfg.strategy, "backend": ctx.backend,
+            "global_batch": cfg.batch_size, "batch_per_worker": -(-cfg.batch_size // ctx.world_size), "lr_scale": 1.0,
             "threads": ctx.threads, "threads_reason": ctx.threads_reason}
 
 

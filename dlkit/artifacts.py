@@ -67,11 +67,16 @@ def register_codec(kind: str, *, encode, decode) -> None:
     CODECS.add(kind, WeightsCodec(encode, decode))
 
 
+# Transforms registered outside dlkit.compress: kind -> the module that registers it.
+TRANSFORM_MODULES = {"lora": "dlkit.engine.lora"}
+
+
 def _transform_kind(kind: str) -> str:
-    """Transform ``K`` is registered by module ``dlkit.compress.K``; import it on first use."""
+    """Transform ``K`` is registered by module ``dlkit.compress.K`` (or TRANSFORM_MODULES[K]);
+    import it on first use."""
     if kind not in REBUILDERS and isinstance(kind, str) and kind.isidentifier():
         try:
-            importlib.import_module(f"dlkit.compress.{kind}")
+            importlib.import_module(TRANSFORM_MODULES.get(kind, f"dlkit.compress.{kind}"))
         except ModuleNotFoundError:
             pass  # REBUILDERS.get reports the unknown kind
     return kind
@@ -102,6 +107,11 @@ def resolve_path(arg: str, *, stdin=None) -> Path:
         raise UsageError(f"'-' reads one artifact path from stdin, but it held {len(lines)} lines: {shown}",
                          hint="pipe one path (dlkit compare - takes several)")
     return Path(lines[0])
+
+
+def is_artifact_folder(name: str) -> bool:
+    """``name`` is a folder holding a manifest (not a registry or ``hf:`` name)."""
+    return not name.startswith("hf:") and (Path(name) / MANIFEST).is_file()
 
 
 def sha256_file(path: Path) -> str:

@@ -28,6 +28,7 @@ from dlkit.choices import DEVICES, IMPORTANCES, OPTIMIZERS, PRECISIONS, PROFILE_
 from dlkit.choices import INPUT_DTYPES
 from dlkit.choices import EXPORT_FORMATS, ONNX_QUANT_MODES, PREDICT_RUNTIMES
 from dlkit.choices import EXPLAIN_BASELINES, EXPLAIN_METHODS
+from dlkit.choices import TRAIN_CHECKPOINTING, TRAIN_STRATEGIES
 from dlkit.errors import DlkitError, UsageError
 
 
@@ -97,7 +98,11 @@ def train_request(source: None, *, model: str, dataset: Optional[str] = None, da
                   augment: Optional[bool] = None, out: Optional[Path] = None, resume: bool = False,
                   device: Literal[DEVICES] = "auto", seed: int = 0, test_file: Optional[Path] = None,
                   tokenizer: Optional[str] = None, seq_len: Optional[int] = None, max_steps: Optional[int] = None,
-                  eval_every: Optional[int] = None, eval_batches: Optional[int] = None):
+                  eval_every: Optional[int] = None, eval_batches: Optional[int] = None,
+                  strategy: Optional[Literal[TRAIN_STRATEGIES]] = None,
+                  checkpointing: Optional[Literal[TRAIN_CHECKPOINTING]] = None,
+                  lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
+                  lora_targets: Optional[str] = None, merge: Optional[bool] = None):
     """``dlkit train``'s options -> (None, TrainRequest). Train takes no input."""
     from dlkit.api import TrainRequest
     from dlkit.config import parse_assignments
@@ -105,7 +110,9 @@ def train_request(source: None, *, model: str, dataset: Optional[str] = None, da
     options = dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                    momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip,
                    label_smoothing=label_smoothing, precision=precision, augment=augment, max_steps=max_steps,
-                   eval_every=eval_every, eval_batches=eval_batches)
+                   eval_every=eval_every, eval_batches=eval_batches, strategy=strategy,
+                   checkpointing=checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                   lora_targets=lora_targets, merge=merge)
     if tokenizer == "hf" and model.startswith("hf:"):
         tokenizer = model  # the hf: model's own tokenizer
     data_options = {k: v for k, v in dict(

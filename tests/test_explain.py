@@ -197,7 +197,8 @@ def test_same_seed_same_attributions():
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     req = TrainRequest(model="cnn", dataset="digits", overrides={"channels": "8,16", "hidden": "32"}, device="cpu",
-                       out=tmp_path_factory.mktemp("explain") / "cnn", options={"epochs": 2, "batch_size": 64})
+                       out=tmp_path_factory.mktemp("explain") / "cnn",
+                       options={"epochs": 2, "batch_size": 64, "precision": "fp32"})  # fp32 on every CPU kind
     return train_model(req).artifact
 
 

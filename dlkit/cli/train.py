@@ -9,17 +9,21 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dlkit.choices import OPTIMIZERS, PRECISIONS, SCHEDULES
+from dlkit.choices import OPTIMIZERS, PRECISIONS, SCHEDULES, TRAIN_CHECKPOINTING, TRAIN_STRATEGIES
 from dlkit.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, emit_path, err, fmt_pct, \
     handle_errors
 
 TRAIN = "Training (defaults depend on the model; `dlkit models` shows them)"
 DATA = "Data"
+SCALE = "Memory and scale (plan them first: `dlkit plan MODEL`)"
 
 
 @handle_errors
 def train(
-    model: Annotated[str, typer.Argument(help="Registered model name (`dlkit models`), e.g. cnn, lstm, resnet20.")],
+    model: Annotated[str, typer.Argument(help="Registered model name (`dlkit models`), e.g. cnn, lstm, resnet20; "
+                                         "hf:DIR or hf:ORG/NAME. MODEL may be an artifact folder: training starts "
+                                         "from its weights (same architecture; the data must match its spec: text "
+                                         "is encoded with the artifact's own tokenizer).")],
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`dlkit datasets`); "
                                                    "default: the model's own.", rich_help_panel=DATA)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset's files (looked in first).",
@@ -76,10 +80,29 @@ def train(
                                                        rich_help_panel=TRAIN)] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Cross-entropy label smoothing.",
                                                              rich_help_panel=TRAIN)] = None,
-    precision: Annotated[Optional[Literal[PRECISIONS]], typer.Option(help="bf16 uses autocast (and channels_last for convnets).",
+    precision: Annotated[Optional[Literal[PRECISIONS]], typer.Option(help="bf16 uses autocast (and channels_last for convnets) [default: fp32; bf16 for "
+                                                     "cnn and gpt-mini on CPUs with native bf16 (AVX512-BF16/AMX), where it measured "
+                                                     "no accuracy loss: stderr and the manifest say so].",
                                                      rich_help_panel=TRAIN)] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="The dataset's augmentation "
                                                     "(fashion-mnist: horizontal flips).", rich_help_panel=TRAIN)] = None,
+    strategy: Annotated[Optional[Literal[TRAIN_STRATEGIES]], typer.Option(
+        help="With --nproc N: ddp keeps a full replica per worker; fsdp (FSDP2, ZeRO-3) shards parameters, "
+             "gradients and optimizer state across workers [default: ddp].", rich_help_panel=SCALE)] = None,
+    checkpointing: Annotated[Optional[Literal[TRAIN_CHECKPOINTING]], typer.Option(
+        help="full: keep only each block's input and recompute its activations in the backward pass "
+             "(transformer, gpt, bert, vit and hf: models) [default: none].", rich_help_panel=SCALE)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(
+        help="Train LoRA adapters of this rank on --lora-targets, the base weights frozen [default: 0, off].",
+        rich_help_panel=SCALE)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(
+        help="LoRA scale: the update is alpha / rank * B A [default: 2 * rank].", rich_help_panel=SCALE)] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(
+        help="Comma-separated names of the Linear layers to adapt (matched as name suffixes) "
+             "[default: the attention query and value projections].", rich_help_panel=SCALE)] = None,
+    merge: Annotated[Optional[bool], typer.Option(
+        "--merge/--no-merge", help="LoRA: write the merged weights (an ordinary artifact) instead of the base "
+                                   "reference and the adapters.", rich_help_panel=SCALE)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create "
                                                 "[default: runs/MODEL-DATASET-TIME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run whose --out is given.")] = False,
@@ -104,7 +127,9 @@ def train(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         momentum=momentum, schedule=schedule, warmup=warmup, grad_clip=grad_clip, label_smoothing=label_smoothing,
         precision=precision, augment=augment, out=out, resume=resume, device=device, seed=seed, test_file=test_file,
-        tokenizer=tokenizer, seq_len=seq_len, max_steps=max_steps, eval_every=eval_every, eval_batches=eval_batches)
+        tokenizer=tokenizer, seq_len=seq_len, max_steps=max_steps, eval_every=eval_every, eval_batches=eval_batches,
+        strategy=strategy, checkpointing=checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=lora_targets, merge=merge)
     from dlkit.api import default_out
     from dlkit.errors import Interrupted
 

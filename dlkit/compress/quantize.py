@@ -647,6 +647,9 @@ def _check(art, opts: QuantizeOptions) -> Path:
     """The artifact takes this mode and the destination is free; returns the destination."""
     if any(t.get("kind") == KIND for t in art.manifest["model"].get("transforms", [])):
         raise UsageError(f"{art.path} is already quantized", hint="quantize the float artifact it came from")
+    if any(t.get("kind") == "lora" for t in art.manifest["model"].get("transforms", [])):
+        raise UsageError(f"{art.path} holds LoRA adapters on a base model, not one set of weights",
+                         hint="train it again with --merge and quantize the merged artifact")
     check_mode(opts.mode, art.model_name, art.spec.modality)
     final = Path(opts.out) if opts.out else _default_out(art.path, opts.mode)
     artifacts.check_destination(final)

@@ -15,7 +15,7 @@ models (``Support``); ``dlkit.compress`` asks this declaration and never inspect
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from dlkit.config import apply_overrides, from_dict
@@ -167,6 +167,12 @@ def model_entry(name: str) -> ModelEntry:
         from dlkit.hf import model_entry as hf_model_entry
 
         return hf_model_entry(name)
+    from dlkit.artifacts import is_artifact_folder, read_artifact
+
+    if is_artifact_folder(name):  # `dlkit train ARTIFACT` starts from its weights: its model's entry
+        art = read_artifact(name)
+        entry = model_entry(art.model_name)
+        return replace(entry, default_dataset=art.dataset or entry.default_dataset)
     if ":" in name and name.rpartition(":")[0].endswith(".py"):  # the user's file.py:Name
         raise UsageError(f"{name} is your own module: profile and compare take it, but nothing can be trained "
                          "from it, since an artifact must load without running code from a file",
