@@ -131,7 +131,9 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # The gradients live in the all-reduce buckets (views), not beside a copy of them there:
+        # one gradient-sized buffer less per worker, which dlkit.plan assumes.
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def parameter_digests(self, model: torch.nn.Module) -> list[str]:
         """SHA-256 of this rank's parameters, gathered from every rank (a collective).

@@ -25,7 +25,6 @@ context. dlkit.lm.generate drives it.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,22 +85,19 @@ class CausalSelfAttention(nn.Module):
                 p = k.shape[2] - t
                 mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(p)
                 causal = False
-        with _fp32_attention_on_cpu(x) as cast:
-            out = F.scaled_dot_product_attention(cast(q), cast(k), cast(v), attn_mask=mask, is_causal=causal,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+        out = _attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(n, t, -1)), (k, v)
 
 
-@contextlib.contextmanager
-def _fp32_attention_on_cpu(x: torch.Tensor):
-    """Under bf16 autocast on a CPU, attention runs in fp32: the CPU's bf16 flash-attention backward
-    took 14.4 ms per gpt-mini step against 2.6 ms in fp32 (torch 2.13, AVX512-BF16), more than the
-    bf16 matmuls save. Elsewhere (fp32, CUDA) attention runs as it comes."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+def _attention(q, k, v, mask, causal: bool, dropout: float) -> torch.Tensor:
+    """``scaled_dot_product_attention``; under bf16 autocast on a CPU in fp32: the CPU's bf16
+    flash-attention backward took 14.4 ms per gpt-mini step against 2.6 ms in fp32 (torch 2.13,
+    AVX512-BF16), more than the bf16 matmuls save. Elsewhere (fp32, CUDA) as it comes."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            yield lambda z: z.float()
-    else:
-        yield lambda z: z
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                                  dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
 class CausalBlock(nn.Module):
