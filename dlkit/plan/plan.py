@@ -289,6 +289,10 @@ def _memory(b: _Built, tr: StepTrace, opts: PlanOptions, device: Device, notes: 
         # one block's (or bucket's) unsharded gradients in flight
         held = tr.grads_at_peak / opts.devices + max((t.grads for t in tr.blocks), default=0)
         act_peak -= max(tr.grads_at_peak - held, 0)
+    if opts.devices > 1 and opts.strategy == "ddp":
+        # DDP's all-reduce buckets hold every gradient from the first step on (dlkit keeps the
+        # gradients as views of them), so all gradients are resident from the forward pass on
+        act_peak += max(states.gradients - tr.grads_at_peak, 0)
     inputs = math.prod(_inputs(b, tr.batch).shape) * _inputs(b, 1).element_size()
     logits_loss = tr.logits + tr.loss_saved
     activations = saved - tr.loss_saved
@@ -430,9 +434,11 @@ def plan_training(target: str, opts: PlanOptions | None = None) -> Plan:
     else:
         notes.append("CUDA kernels modelled: fused attention (flash / memory-efficient: no attention matrix saved), "
                      "fused dropout (bool masks)")
-    if opts.strategy in ("ddp", "zero1") and opts.devices > 1:
-        notes.append("not counted: the gradient all-reduce's bucket buffers (DDP's are views of the gradients "
-                     "with gradient_as_bucket_view=True)")
+    if opts.strategy == "ddp" and opts.devices > 1:
+        notes.append("DDP: the all-reduce buckets hold every gradient for the whole step (dlkit trains with "
+                     "gradient_as_bucket_view=True, so there is no second copy)")
+    if opts.strategy == "zero1" and opts.devices > 1:
+        notes.append("not counted: the gradient all-reduce's bucket buffers")
     states = _states(b, opts)
     params = {"total": b.trainable + b.frozen, "trainable": b.trainable, "frozen": b.frozen}
     k = OPTIMIZER_BYTES[opts.precision][opts.optimizer]
