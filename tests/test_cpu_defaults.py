@@ -79,7 +79,7 @@ def test_cnn_vgg_stages_and_static_int8_fusion():
     assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 4), (4, 8), (8, 8)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 2
     # 12 -> pool 6 -> pool 3: the dense layer reads 8 * 3 * 3 features
-    assert model.classifier[1].in_features == 72 and model(torch.randn(2, 1, 12, 12)).shape == (2, 3)
+    assert model.classifier[0].in_features == 72 and model(torch.randn(2, 1, 12, 12)).shape == (2, 3)
     assert len(fusion_groups(model)) == 4 + 1  # every conv-bn-relu, and the dense linear-relu
     assert model.width_overrides() == {"channels": (4, 8), "hidden": (16,)}
     with pytest.raises(Exception, match="convs must be >= 1"):

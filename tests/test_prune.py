@@ -185,7 +185,7 @@ def test_unstructured_reports_sparsity_and_keeps_shapes(cnn_artifact, tmp_path):
     assert res.after.params == res.before.params and res.after.macs == res.before.macs
     assert res.after.zeros > 0.5 * res.after.params
     model = artifacts.load_model(artifacts.read_artifact(tmp_path / "u"))
-    assert (model.classifier[1].weight == 0).float().mean() > 0.5  # global magnitude: the big layer
+    assert (model.classifier[0].weight == 0).float().mean() > 0.5  # global magnitude: the big layer
     assert (model.head.weight != 0).all()  # the classifier is not pruned
 
 
@@ -195,7 +195,7 @@ def test_sensitivity_table_plot_and_per_layer_ratios(cnn_artifact, tmp_path):
                                                     plot=plot, sensitivity_samples=300, device="cpu"))
     assert res.artifact is None and plot.read_bytes()[:4] == b"\x89PNG"
     layers = {r["layer"] for r in res.sensitivity}
-    assert layers == {"features.0", "features.4", "classifier.1"}
+    assert layers == {"features.0", "features.4", "classifier.0"}
     assert all(0 < r["macs_kept"] < 1 for r in res.sensitivity)
     res = prune_artifact(cnn_artifact, PruneOptions(sensitivity=True, from_sensitivity=True, target_macs=0.6,
                                                     sensitivity_ratios=(0.25, 0.75), sensitivity_samples=300,
@@ -207,8 +207,8 @@ def test_sensitivity_table_plot_and_per_layer_ratios(cnn_artifact, tmp_path):
 def test_list_units_follows_protect():
     model, _ = create_model("cnn", DIGITS)
     x = torch.randn(2, *DIGITS.input_shape)
-    assert [u.name for u in list_units(model, x)] == ["features.0", "features.4", "classifier.1"]
-    assert [u.name for u in list_units(model, x, [model.features[4]])] == ["features.0", "classifier.1"]
+    assert [u.name for u in list_units(model, x)] == ["features.0", "features.4", "classifier.0"]
+    assert [u.name for u in list_units(model, x, [model.features[4]])] == ["features.0", "classifier.0"]
 
 
 def test_global_is_refused_for_the_transformer():

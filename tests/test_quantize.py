@@ -124,7 +124,7 @@ def test_fusion_groups_follow_the_layers():
     spec = DataSpec(modality="image", input_shape=(1, 8, 8), num_classes=3)
     cnn, _ = create_model("cnn", spec)
     assert q.fusion_groups(cnn) == [["features.0", "features.1", "features.2"],
-                                    ["features.4", "features.5", "features.6"], ["classifier.1", "classifier.2"]]
+                                    ["features.4", "features.5", "features.6"], ["classifier.0", "classifier.1"]]
     net, _ = create_model("resnet20", spec, {"layers": "1,1", "widths": "4,8"})
     groups = q.fusion_groups(net)
     assert ["stages.1.0.conv1", "stages.1.0.bn1", "stages.1.0.relu1"] in groups
@@ -308,10 +308,10 @@ def test_static_keeps_in_fp32_the_layers_whose_int8_kernel_measured_slower():
         return (3.0, 1.0) if name == "features.0" else (1.0, 3.0)
 
     int8 = q.quantize_static(model, [x[:128], x[128:]], "x86", timer=timer)
-    assert timed == ["features.0", "features.4", "classifier.1", "head"]  # every int8 layer, in order
+    assert timed == ["features.0", "features.4", "classifier.0", "head"]  # every int8 layer, in order
     assert q.float_layer_names(int8) == ["features.0"]
     assert type(int8.features[0].layer[0]) is nn.Conv2d  # fused conv-bn-relu, in float
-    assert q.quantized_layer_names(int8) == ["features.4", "classifier.1", "head"]
+    assert q.quantized_layer_names(int8) == ["features.4", "classifier.0", "head"]
     ref, _ = _digits_cnn()
     with torch.no_grad(), q.quiet_ao("x86"):
         diff = (int8(x[:64]) - ref(x[:64])).abs().max()
@@ -341,7 +341,7 @@ def test_static_with_the_measured_choice_reloads_to_what_was_measured(trained, t
     kept = q.float_layer_names(model)
     transform = artifacts.read_artifact(res.artifact).manifest["model"]["transforms"][-1]
     assert transform.get("fp32_layers", []) == kept
-    assert set(kept) | set(res.quantized_layers) == {"features.0", "features.4", "classifier.1", "head"}
+    assert set(kept) | set(res.quantized_layers) == {"features.0", "features.4", "classifier.0", "head"}
 
 
 def test_keeping_an_unknown_layer_says_which_exist(trained, tmp_path):

@@ -100,6 +100,12 @@ def _attention(q, k, v, mask, causal: bool, dropout: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
+def _dropout(p: float) -> nn.Module:
+    """Dropout, or for p = 0 (gpt-mini) an identity, which skips F.dropout in each of the nine places
+    a decoded token passes one."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class CausalBlock(nn.Module):
     """Pre-norm: x + attn(norm1(x)), then x + fc2(gelu(fc1(norm2(x))))."""
 
@@ -111,7 +117,7 @@ class CausalBlock(nn.Module):
         self.fc1 = nn.Linear(dim, ffn_dim, bias=bias)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(ffn_dim, dim, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = _dropout(dropout)
 
     def forward(self, x: torch.Tensor, past=None):
         a, kv = self.attn(self.norm1(x), past)
@@ -132,7 +138,7 @@ class GPT(nn.Module):
         self.max_len = cfg.max_len
         self.wte = nn.Embedding(spec.vocab_size, cfg.dim)
         self.wpe = nn.Embedding(cfg.max_len, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = _dropout(cfg.dropout)
         head_dim = cfg.head_dim or cfg.dim // cfg.heads
         self.blocks = nn.ModuleList(
             CausalBlock(cfg.dim, cfg.heads, head_dim, cfg.ffn_dim, cfg.dropout, cfg.bias) for _ in range(cfg.depth))
