@@ -254,6 +254,10 @@ def _train_and_save(run: _Job, state: TrainState | None, opt_state: dict | None,
         model = run.model
         val, test, metrics = _final_metrics(run, state)
         manifest = _manifest(run, metrics, ddp)
+        if cfg.lora_rank and cfg.merge:  # the adapters go into the weights: an ordinary artifact
+            from dlkit.engine.lora import merge
+
+            merge(model)
         _plots(run, state, test)
         model.to("cpu").to(memory_format=torch.contiguous_format)
     landed = artifacts.write_artifact(final, model, manifest, work=run.work)
@@ -494,8 +498,8 @@ def _manifest(run: _Job, metrics: dict, ddp: dict | None) -> dict:
     options = {"train_config": dataclasses.asdict(cfg), "overrides": r.overrides, "val_fraction": r.val_fraction,
                "device": str(run.device), "distributed": ddp, "data_options": r.data_options,
                "precision_reason": r.precision_choice()[1]}
-    if run.origin:  # with --merge, the adapters are merged into run.model here: an ordinary artifact is written
-        run.origin.record(manifest, options, run.model, merge_now=cfg.merge)
+    if run.origin:
+        run.origin.record(manifest, options, merged=bool(cfg.lora_rank and cfg.merge))
     manifest["lineage"].append(artifacts.lineage_step("train", options, metrics))
     manifest["metrics"] = metrics
     return manifest

@@ -288,9 +288,9 @@ class Origin:
                  f", and {', '.join(new)} (not in {source})" if new else "", f"{t['trainable_params']:,}",
                  f"{t['total_params']:,}", 100 * t["trainable_share"])
 
-    def record(self, manifest: dict, options: dict, model: nn.Module, merge_now: bool) -> None:
-        """Fill in what the manifest says of the start and the adapters; with ``merge_now`` the
-        adapters are merged into ``model`` here, so that what is written is an ordinary model."""
+    def record(self, manifest: dict, options: dict, merged: bool) -> None:
+        """Fill in what the manifest says of the start and the adapters (``merged``: the adapters
+        are merged into the weights before writing, so the manifest names no base)."""
         if self.base is not None:
             manifest["model"]["transforms"] = list(self.base.manifest["model"].get("transforms", []))
             options["start"] = {"artifact": str(self.base.path.resolve()),
@@ -298,8 +298,6 @@ class Origin:
         if self.lora is None:
             return
         summary = {k: v for k, v in self.lora.items() if k not in ("kind", "targets")}
-        options["lora"] = {**summary, "layers": len(self.lora["targets"]), "merged": merge_now}
-        if merge_now:
-            merge(model)
-        else:
+        options["lora"] = {**summary, "layers": len(self.lora["targets"]), "merged": merged}
+        if not merged:
             manifest["model"]["transforms"].append(self.lora)
