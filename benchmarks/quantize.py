@@ -162,11 +162,12 @@ def against_hand_written(src: Path, int8_artifact: Path, repeats: int) -> dict:
         hand = hand_written_int8(fp32, calib)
         ours = artifacts.load_model(artifacts.read_artifact(int8_artifact)).eval()
         batch = data.test[0][:256].clone()
-        cl = prepare_inference(fp32, torch.device("cpu"), data.spec.input_shape)
-        prepare_inference(ours, torch.device("cpu"), data.spec.input_shape)  # as dlkit runs it
-        xb = batch.contiguous(memory_format=torch.channels_last) if cl else batch
+        # each in the layout dlkit runs it: fp32 in channels_last, int8 as its quantized convs take it
+        layout = (lambda m: batch.contiguous(memory_format=torch.channels_last)
+                  if prepare_inference(m, torch.device("cpu"), data.spec.input_shape) else batch)
+        x_fp32, x_ours = layout(fp32), layout(ours)
         with torch.inference_mode():
-            t_fp, t_ours, t_hand = time_round_robin([lambda: fp32(xb), lambda: ours(xb), lambda: hand(batch)],
+            t_fp, t_ours, t_hand = time_round_robin([lambda: fp32(x_fp32), lambda: ours(x_ours), lambda: hand(batch)],
                                                     repeats * 3)
     return {"batch": 256, "fp32_ms": t_fp, "dlkit_int8_ms": t_ours, "hand_int8_ms": t_hand,
             "dlkit_speedup": t_fp / t_ours, "hand_speedup": t_fp / t_hand, "fp32_layers": float_layer_names(ours),

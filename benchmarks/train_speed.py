@@ -2,8 +2,10 @@
 
 Same model, data (Fashion-MNIST, or digits upscaled if absent), batch size and optimizer; the plain
 loop is the textbook one (shuffle, slice, forward, cross-entropy, backward, step, loss.item()), in
-fp32 and in bf16 (autocast, model and batches in channels_last for convolutional models: the best a
-hand-written bf16 loop does). Rounds alternate between the contenders so machine noise hits all of
+fp32 (as written, and with model and batches in channels_last as dlkit runs convolutional models)
+and in bf16 (autocast + channels_last: the best a hand-written bf16 loop does). The two channels_last
+plain loops give the bf16/fp32 ratio a hand-written loop reaches with the same layout, the ceiling
+for dlkit's own bf16/fp32 ratio on this machine. Rounds alternate between the contenders so machine noise hits all of
 them alike; medians reported. bf16 is emulated (slow) without AVX512-BF16/AMX: the result file
 records the CPU's flags, and dlkit bf16 rows are skipped there unless --bf16 is given.
 
@@ -25,8 +27,9 @@ import torch.nn.functional as F
 from common import RESULTS, median, print_table, write_json
 
 
-def plain_loop(model, x, y, batch_size, lr, seed, bf16=False):
-    conv = bf16 and x.ndim == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+def plain_loop(model, x, y, batch_size, lr, seed, bf16=False, channels_last=None):
+    """``channels_last``: None puts convolutional models in channels_last for bf16 only."""
+    conv = (bf16 if channels_last is None else channels_last) and x.ndim == 4 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if conv:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -78,14 +81,15 @@ def main() -> None:
     x, y = data.train[0][: args.samples], data.train[1][: args.samples]
     rows, results = [], {}
     for name in args.models.split(","):
-        keys = ["plain fp32", "dlkit fp32"] + (["plain bf16", "dlkit bf16"] if bf16 else [])
+        keys = ["plain fp32", "plain fp32 cl", "dlkit fp32"] + (["plain bf16", "dlkit bf16"] if bf16 else [])
         speeds = {k: [] for k in keys}
         for r in range(args.rounds):
             for key in speeds:
                 torch.manual_seed(0)
                 model = create_model(name, data.spec)[0]
                 if key.startswith("plain"):
-                    speeds[key].append(plain_loop(model, x, y, args.batch_size, 1e-3, r, bf16=key.endswith("bf16")))
+                    speeds[key].append(plain_loop(model, x, y, args.batch_size, 1e-3, r, bf16="bf16" in key,
+                                                  channels_last=True if key.endswith("cl") else None))
                 else:
                     speeds[key].append(dlkit_loop(model, x, y, args.batch_size, 1e-3, r, key.split()[1]))
         med = {k: median(v) for k, v in speeds.items()}
@@ -94,13 +98,14 @@ def main() -> None:
                          "dlkit_fp32_vs_plain": ratio("dlkit fp32", "plain fp32"),
                          "dlkit_bf16_vs_dlkit_fp32": ratio("dlkit bf16", "dlkit fp32"),
                          "plain_bf16_vs_plain_fp32": ratio("plain bf16", "plain fp32"),
+                         "plain_bf16_vs_plain_fp32_cl": ratio("plain bf16", "plain fp32 cl"),
                          "dlkit_bf16_vs_plain_bf16": ratio("dlkit bf16", "plain bf16"),
                          "target_bf16_2x": None if "dlkit bf16" not in med else ratio("dlkit bf16", "dlkit fp32") >= 2.0}
         show = (lambda v: "-" if v is None else f"{v:.2f}x")
         rows.append([name, *[f"{med[k]:,.0f}" if k in med else "-" for k in
-                             ("plain fp32", "dlkit fp32", "plain bf16", "dlkit bf16")],
+                             ("plain fp32", "plain fp32 cl", "dlkit fp32", "plain bf16", "dlkit bf16")],
                      show(results[name]["dlkit_fp32_vs_plain"]), show(results[name]["dlkit_bf16_vs_dlkit_fp32"]),
-                     show(results[name]["plain_bf16_vs_plain_fp32"])])
+                     show(results[name]["plain_bf16_vs_plain_fp32"]), show(results[name]["plain_bf16_vs_plain_fp32_cl"])])
         print(" ".join(rows[-1]), flush=True)  # a slow model (bf16 is emulated on AVX2) keeps what came before
         previous = RESULTS / "train_speed.json"  # models accumulate across invocations
         merged = {**(json.loads(previous.read_text()).get("results", {}) if previous.exists() else {}), **results}
@@ -108,8 +113,8 @@ def main() -> None:
                                    "rounds": args.rounds, "results": merged})
     print_table(f"training samples/s on {data.name}, batch {args.batch_size}, {len(x)} samples/epoch, "
                 f"median of {args.rounds} alternating rounds" + ("" if bf16 else " (no native bf16 here: bf16 not timed)"),
-                ["model", "plain fp32", "dlkit fp32", "plain bf16", "dlkit bf16", "dlkit fp32/plain",
-                 "dlkit bf16/fp32", "plain bf16/fp32"], rows)
+                ["model", "plain fp32", "plain fp32 cl", "dlkit fp32", "plain bf16 cl", "dlkit bf16", "dlkit fp32/plain",
+                 "dlkit bf16/fp32", "plain bf16 cl/fp32", "plain bf16 cl/fp32 cl"], rows)
     # the result file was written after each model (merged with earlier invocations' models)
 
 

@@ -31,13 +31,30 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+# oneDNN's ISA levels (its ONEDNN_MAX_CPU_ISA values) below which it has no bf16 dot products.
+_ONEDNN_ISA_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
+
+
+def onednn_isa_cap() -> str | None:
+    """The ISA oneDNN was capped to by ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``), upper case."""
+    import os
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 math runs natively here: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.
 
     oneDNN's own probe (``_is_mkldnn_bf16_supported``) also says yes for AVX512 CPUs without
-    AVX512-BF16, where bf16 is emulated and slower than fp32: the instruction sets decide first."""
+    AVX512-BF16, where bf16 is emulated and slower than fp32: the instruction sets decide first.
+    oneDNN capped below AVX512-BF16 (``ONEDNN_MAX_CPU_ISA=AVX2``, say) emulates bf16 whatever the
+    CPU has, so a cap counts too: it also lets one CPU stand in for an AVX2-only one."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if onednn_isa_cap() in _ONEDNN_ISA_WITHOUT_BF16:
+        return False
     probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(p is not None for p in probes):
         return any(p() for p in probes)

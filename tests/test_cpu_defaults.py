@@ -23,10 +23,29 @@ def _cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not _cpu_flags(), reason="no /proc/cpuinfo flags here")
-def test_native_bf16_follows_the_instruction_sets():
+def test_native_bf16_follows_the_instruction_sets(monkeypatch):
     """AVX512 alone is not native bf16 (oneDNN emulates it there): AVX512-BF16 or AMX is."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     flags = _cpu_flags()
     assert dev.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16 on any CPU: dlkit must not pick bf16 there."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap in ("AVX2", "avx512_core_vnni", " AVX512_CORE "):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert dev.native_bf16(cpu) is False
+        assert dev.default_precision("cnn", cpu)[0] == "fp32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # the old name of the same setting
+    assert dev.native_bf16(cpu) is False
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "ALL")  # no cap: the instruction sets decide
+    flags = _cpu_flags()
+    if flags:
+        assert dev.native_bf16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def test_default_precision_is_bf16_only_where_native_and_measured(monkeypatch):
@@ -61,11 +80,15 @@ def test_measurement_reports_the_load_next_to_the_latencies(monkeypatch, caplog)
 
 
 def test_measurement_alternates_the_subjects(monkeypatch):
-    """Every round runs each call once, in turn: the order of calls is a b a b ..., never a a b b."""
+    """Every round runs each call once, never a a b b; each round starts one call further on, so no
+    call always runs right after the same other call."""
     order = []
-    measure.time_round_robin([lambda: order.append("a"), lambda: order.append("b")], repeats=3)
-    timed = order[2 * measure.WARMUP:]
-    assert timed == ["a", "b"] * 3
+    measure.time_round_robin([lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")],
+                             repeats=4)
+    timed = order[3 * measure.WARMUP:]
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    before_a = {timed[i - 1] for i in range(1, len(timed)) if timed[i] == "a"}
+    assert before_a == {"b", "c"}
 
 
 def test_cnn_vgg_stages_and_static_int8_fusion():
@@ -82,8 +105,29 @@ def test_cnn_vgg_stages_and_static_int8_fusion():
     assert model.classifier[0].in_features == 72 and model(torch.randn(2, 1, 12, 12)).shape == (2, 3)
     assert len(fusion_groups(model)) == 4 + 1  # every conv-bn-relu, and the dense linear-relu
     assert model.width_overrides() == {"channels": (4, 8), "hidden": (16,)}
-    with pytest.raises(Exception, match="convs must be >= 1"):
-        create_model("cnn", spec, {"convs": "0"})
+    for bad in ("0", "1,2,2", "2,0"):  # zero, or a count per stage for a different number of stages
+        with pytest.raises(Exception, match="convs must be one number >= 1 or one per stage"):
+            create_model("cnn", spec, {"channels": "4,8", "convs": bad})
+
+
+def test_cnn_convs_per_stage():
+    """convs=1,2: one conv at full resolution, two after the first pool; pruning's width readout
+    follows the per-stage counts."""
+    from dlkit.config import from_dict, to_dict
+    from dlkit.models import create_model
+    from dlkit.models.cnn import CNNConfig
+    from dlkit.spec import DataSpec
+
+    spec = DataSpec(modality="image", input_shape=(1, 12, 12), num_classes=3)
+    model, cfg = create_model("cnn", spec, {"channels": "4,8", "convs": "1,2", "hidden": "16"})
+    kinds = ["C" if isinstance(m, nn.Conv2d) else "P" if isinstance(m, nn.MaxPool2d) else "" for m in model.features]
+    assert "".join(kinds) == "CPCCP"
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8), (8, 8)]
+    assert model(torch.randn(2, 1, 12, 12)).shape == (2, 3)
+    assert model.width_overrides() == {"channels": (4, 8), "hidden": (16,)}
+    assert cfg.convs == (1, 2) and from_dict(CNNConfig, to_dict(cfg)) == cfg
+    assert from_dict(CNNConfig, {**to_dict(cfg), "convs": 2}).convs == (2,)  # an artifact written before: one int
 
 
 def test_cnn_vgg_preset_learns_digits():

@@ -18,7 +18,7 @@ need a chain of modules eager mode can follow; dynamic and half sizes apply to e
   Then each int8 layer is timed against its float version on this machine (``quantize_static``:
   the float side pays the dequantize/quantize around it) and the layers whose int8 kernel measured
   slower stay fp32 (``FloatLayer``; recorded as the transform's ``fp32_layers``), e.g. a 1-channel
-  stem on an AVX2-only CPU. The prepared model is op for op what a hand-written torch.ao eager
+  stem on an AVX2-only CPU, if the model with them in fp32 then also measures faster as a whole. The prepared model is op for op what a hand-written torch.ao eager
   model of the same layers runs (benchmarks/quantize.py times both side by side).
 - ``qat``: the static recipe with fake quantization during a short fine-tune by the core engine
   (``dlkit.engine.trainer.fit``), then converted to the same int8 modules as ``static``.
@@ -207,6 +207,12 @@ LAYER_REPEATS = 10
 # A layer stays fp32 only when its int8 kernel measured this much slower: closer is noise on a shared
 # machine, and a tie changes nothing in speed (int8 then keeps its smaller file).
 KEEP_MARGIN = 1.05
+# Then the whole model with those layers in fp32 is timed against the all-int8 one, alternating, at
+# these batches: it is kept only when faster at each by more than MODEL_MARGIN. A tiny layer (a
+# 128 -> 10 head) can time slower alone by noise yet cost the model its dequantize/quantize round
+# trip: measured 9.34-9.89 ms with the head in fp32 against 9.14-9.83 all int8 (batch 256, 1 thread).
+MODEL_BATCHES = (LAYER_BATCH, 4 * LAYER_BATCH)
+MODEL_MARGIN = 1.02
 
 
 def time_layer(name: str, int8_call, float_call, repeats: int = LAYER_REPEATS) -> tuple[float, float]:
@@ -274,13 +280,44 @@ def slower_int8_layers(float_model: nn.Module, int8_model: nn.Module, x: torch.T
     return slower
 
 
+def time_models(int8_call, candidate_call, repeats: int = LAYER_REPEATS) -> tuple[float, float]:
+    """Median ms of (the int8 model, the one with some layers kept in fp32), runs alternating."""
+    from dlkit.profiling import time_round_robin
+
+    with torch.inference_mode():
+        t_int8, t_candidate = time_round_robin([int8_call, candidate_call], repeats)
+    return t_int8, t_candidate
+
+
+def _model_call(model: nn.Module, x: torch.Tensor):
+    """``model`` on ``x`` in the layout dlkit runs it (channels_last where a float conv remains)."""
+    from dlkit.device import uses_channels_last
+
+    if uses_channels_last(model, tuple(x.shape)):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return lambda: model(x)
+
+
+def faster_as_a_whole(int8: nn.Module, candidate: nn.Module, x: torch.Tensor, model_timer=time_models) -> bool:
+    """Whether ``candidate`` (``int8`` with some layers in fp32) measured faster than ``int8`` by
+    more than ``MODEL_MARGIN`` at every batch of ``MODEL_BATCHES`` (rows of ``x``, repeated)."""
+    for batch in MODEL_BATCHES:
+        xb = repeat_to(x, batch)
+        t_int8, t_candidate = model_timer(_model_call(int8, xb), _model_call(candidate, xb))
+        log.debug("static int8 at batch %d: all int8 %.3f ms, with fp32 layers %.3f ms", batch, t_int8, t_candidate)
+        if not t_candidate * MODEL_MARGIN < t_int8:
+            return False
+    return True
+
+
 def quantize_static(model: nn.Module, batches: list[torch.Tensor], backend: str, *, keep_fp32=(),
-                    choose: bool = True, timer=time_layer) -> nn.Module:
+                    choose: bool = True, timer=time_layer, model_timer=time_models) -> nn.Module:
     """Static int8 of ``model`` calibrated on ``batches``; the layers named in ``keep_fp32`` stay
     float. With ``choose``, each int8 layer is then timed against its float version on this machine
-    (``slower_int8_layers``, on ``LAYER_BATCH`` calibration samples) and, if any int8 layer measured
-    slower, the model is quantized again with those kept in fp32 too. Returns the int8 model
-    (``model`` itself unless it was redone)."""
+    (``slower_int8_layers``, on ``LAYER_BATCH`` calibration samples); if any int8 layer measured
+    slower, the model is quantized again with those kept in fp32 too, and that model is kept only
+    when it measures faster as a whole (``faster_as_a_whole``, timed by ``model_timer``). Returns
+    the int8 model (``model`` itself unless it was redone)."""
     float_model = copy.deepcopy(model) if choose else None
 
     def convert(target: nn.Module, keep) -> nn.Module:
@@ -299,9 +336,14 @@ def quantize_static(model: nn.Module, batches: list[torch.Tensor], backend: str,
         slower = slower_int8_layers(float_model, int8, example, timer)
         if not slower:
             return int8
+        candidate = convert(float_model, keep + tuple(n for n in slower if n not in keep))
+        if not faster_as_a_whole(int8, candidate, torch.cat(batches), model_timer):
+            log.info("static int8: %s measured slower in int8 alone, but the model with them in fp32 was not "
+                     "faster as a whole here: all int8", ", ".join(slower))
+            return int8
         log.info("static int8: keeping in fp32 the layers whose int8 kernel measured slower here: %s",
                  ", ".join(slower))
-        return convert(float_model, keep + tuple(n for n in slower if n not in keep))
+        return candidate
 
 
 def convert_static(model: nn.Module) -> nn.Module:

@@ -18,7 +18,9 @@ class CNNConfig:
     """Defaults: conv32-pool-conv64-pool-dense128, the classic MNIST example (with BatchNorm)."""
 
     channels: tuple[int, ...] = (32, 64)
-    convs: int = 1  # convs per stage (each conv-BN-ReLU) before the stage's 2x2 pool: 2 is VGG-style
+    # convs (each conv-BN-ReLU) per stage before its 2x2 pool: one number for every stage (2 is
+    # VGG-style) or one per stage (1,2: a single conv at full resolution, where convs cost most)
+    convs: tuple[int, ...] = (1,)
     kernel_size: int = 3
     padding: tuple[int, ...] | None = None  # per conv; None: kernel_size // 2 ("same")
     hidden: tuple[int, ...] = (128,)
@@ -55,12 +57,15 @@ class CNN(nn.Module):
                 f"padding has {len(pads)} values for {len(cfg.channels)} convs",
                 hint="give one padding per channel width, e.g. --set padding=2,0",
             )
-        if cfg.convs < 1:
-            raise UsageError(f"convs must be >= 1 (got {cfg.convs})", hint="use --set convs=1 or 2")
+        convs = tuple(cfg.convs) * len(cfg.channels) if len(cfg.convs) == 1 else tuple(cfg.convs)
+        if len(convs) != len(cfg.channels) or min(convs, default=0) < 1:
+            raise UsageError(f"convs must be one number >= 1 or one per stage ({len(cfg.channels)} here); "
+                             f"got {','.join(map(str, cfg.convs)) or 'none'}",
+                             hint="use --set convs=2 (every stage) or e.g. --set convs=1,2")
         c, h, w = spec.input_shape
         layers: list[nn.Module] = []
-        for i, (out, pad) in enumerate(zip(cfg.channels, pads)):
-            for _ in range(cfg.convs):
+        for i, (out, pad, n) in enumerate(zip(cfg.channels, pads, convs)):
+            for _ in range(n):
                 layers.append(nn.Conv2d(c, out, cfg.kernel_size, padding=pad, bias=not cfg.batch_norm))
                 if cfg.batch_norm:
                     layers.append(nn.BatchNorm2d(out))
@@ -74,7 +79,7 @@ class CNN(nn.Module):
                     f"nothing is left after conv {i + 1} and its 2x2 pool",
                     hint="use fewer convs (--set channels=...), a smaller kernel_size or more padding",
                 )
-        self.convs_per_stage = cfg.convs
+        self.convs_per_stage = convs
         self.features = nn.Sequential(*layers)
         self.flatten = nn.Flatten()
         dense: list[nn.Module] = []
@@ -94,12 +99,12 @@ class CNN(nn.Module):
 
     def width_overrides(self) -> dict[str, Any]:
         """The config fields holding this module's current widths (changed by pruning)."""
-        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
-        per = self.convs_per_stage
-        widths = [tuple(m.out_channels for m in convs[i : i + per]) for i in range(0, len(convs), per)]
+        convs = [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]
+        ends = [sum(self.convs_per_stage[: i + 1]) for i in range(len(self.convs_per_stage))]
+        widths = [tuple(convs[end - n : end]) for end, n in zip(ends, self.convs_per_stage)]
         if any(len(set(stage)) > 1 for stage in widths):  # a stage's convs pruned apart: not expressible
             raise IncompatibleError("the convs of a stage have different widths after pruning",
-                                    hint="prune a convs=1 cnn, or keep stage widths equal")
+                                    hint="prune a cnn with one conv per stage, or keep stage widths equal")
         return {
             "channels": tuple(stage[0] for stage in widths),
             "hidden": tuple(m.out_features for m in self.classifier if isinstance(m, nn.Linear)),

@@ -213,15 +213,19 @@ def _round_robin(subjects: list[Subject], layouts: list[bool], dev: torch.device
 def time_round_robin(calls: list[Callable[[], object]], repeats: int,
                      device: torch.device | str = "cpu") -> list[float]:
     """Median milliseconds of each call: ``WARMUP`` untimed runs each, then ``repeats`` rounds that
-    run every call once, in turn (CUDA synchronised around each run on a CUDA ``device``)."""
+    run every call once, in turn (CUDA synchronised around each run on a CUDA ``device``). Each round
+    starts one call further on, so no call always follows the same neighbour (whose caches and
+    clock it would inherit)."""
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for call in calls:
         for _ in range(WARMUP):
             call()
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for i, call in enumerate(calls):
+    for r in range(repeats):
+        for k in range(len(calls)):
+            i = (r + k) % len(calls)
+            call = calls[i]
             sync()
             t = time.perf_counter()
             call()
