@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, median, print_table, write_json
+from common import median, print_table, results_path, write_json
 
 TARGETS = {("cnn", "fashion-mnist"): (0.925, "classic"), ("mlp", "digits"): (0.98, None),
            ("cnn", "digits"): (0.98, None), ("recipe", "cnn-fashion-mnist-94"): (0.94, 180.0)}
@@ -165,7 +165,7 @@ def main() -> None:
     print_table(f"default recipes against the classic example, median of {args.repeats} seed(s)",
                 ["case", "epochs", "precision", "test acc", "wall s", "train samples/s", "target", "met"], rows)
     # Cases accumulate across invocations (one case can take minutes): merge with earlier results.
-    previous = RESULTS / "accuracy.json"
+    previous = results_path("accuracy")
     if previous.exists():
         results = {**json.loads(previous.read_text()).get("results", {}), **results}
     write_json("accuracy", {"results": results})

@@ -37,10 +37,28 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in present for f in FLAGS} if present else {}
 
 
+# Settings that make this CPU stand in for a lesser one (ONEDNN_MAX_CPU_ISA=AVX2
+# ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only CPU, emulated by oneDNN,
+# PyTorch's own kernels and FBGEMM's int8 kernels): recorded, and results go to their own file.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> dict[str, str]:
+    return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+
+
+def results_path(name: str) -> Path:
+    """``results/NAME.json``, or ``results/NAME-capped-ISA.json`` when an ISA cap is set."""
+    caps = isa_caps()
+    suffix = "-capped-" + "-".join(dict.fromkeys(v.lower() for v in caps.values())) if caps else ""
+    return RESULTS / f"{name}{suffix}.json"
+
+
 def machine() -> dict:
     import torch
 
     return {"cpu": _cpuinfo("model name") or "unknown", "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "isa_caps": isa_caps(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
@@ -83,7 +101,7 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 
 def write_json(name: str, doc: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = results_path(name)
     path.write_text(json.dumps(portable({"machine": machine(), **doc}), indent=2))
     print(f"\nwrote {path}")
     return path

@@ -10,6 +10,9 @@ them alike; medians reported. bf16 is emulated (slow) without AVX512-BF16/AMX: t
 records the CPU's flags, and dlkit bf16 rows are skipped there unless --bf16 is given.
 
     python benchmarks/train_speed.py [--samples 8192] [--rounds 3] [--models cnn,resnet20]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/train_speed.py --bf16 ...
+        (an AVX2-only CPU emulated on this one; results in train_speed-capped-avx2.json)
 Targets (issue 18): dlkit fp32 >= 1.0x the plain fp32 loop; on a native-bf16 CPU, dlkit bf16 >= 2.0x
 dlkit fp32 for cnn and resnet20 (and the plain bf16 loop shows what a hand-written loop reaches).
 """
@@ -24,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, median, print_table, write_json
+from common import median, print_table, results_path, write_json
 
 
 def plain_loop(model, x, y, batch_size, lr, seed, bf16=False, channels_last=None):
@@ -107,7 +110,7 @@ def main() -> None:
                      show(results[name]["dlkit_fp32_vs_plain"]), show(results[name]["dlkit_bf16_vs_dlkit_fp32"]),
                      show(results[name]["plain_bf16_vs_plain_fp32"]), show(results[name]["plain_bf16_vs_plain_fp32_cl"])])
         print(" ".join(rows[-1]), flush=True)  # a slow model (bf16 is emulated on AVX2) keeps what came before
-        previous = RESULTS / "train_speed.json"  # models accumulate across invocations
+        previous = results_path("train_speed")  # models accumulate across invocations
         merged = {**(json.loads(previous.read_text()).get("results", {}) if previous.exists() else {}), **results}
         write_json("train_speed", {"dataset": data.name, "batch_size": args.batch_size, "samples": len(x),
                                    "rounds": args.rounds, "results": merged})

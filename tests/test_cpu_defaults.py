@@ -80,15 +80,19 @@ def test_measurement_reports_the_load_next_to_the_latencies(monkeypatch, caplog)
 
 
 def test_measurement_alternates_the_subjects(monkeypatch):
-    """Every round runs each call once, never a a b b; each round starts one call further on, so no
-    call always runs right after the same other call."""
+    """Every round runs each call once, never a a b b; every other round goes the other way round
+    the cycle, so with three calls each one runs after each of the others, never after itself."""
     order = []
+    measure.time_round_robin([lambda: order.append("a"), lambda: order.append("b")], repeats=3)
+    assert order[2 * measure.WARMUP:] == ["a", "b"] * 3
+    order.clear()
     measure.time_round_robin([lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")],
                              repeats=4)
     timed = order[3 * measure.WARMUP:]
-    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
-    before_a = {timed[i - 1] for i in range(1, len(timed)) if timed[i] == "a"}
-    assert before_a == {"b", "c"}
+    assert timed == ["a", "b", "c", "a", "c", "b"] * 2
+    pairs = [(timed[i - 1], timed[i]) for i in range(1, len(timed))]
+    assert all(x != y for x, y in pairs)
+    assert {y: {x for x, z in pairs if z == y} for y in "abc"} == {"a": {"b", "c"}, "b": {"a", "c"}, "c": {"a", "b"}}
 
 
 def test_cnn_vgg_stages_and_static_int8_fusion():

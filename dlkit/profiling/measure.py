@@ -213,18 +213,20 @@ def _round_robin(subjects: list[Subject], layouts: list[bool], dev: torch.device
 def time_round_robin(calls: list[Callable[[], object]], repeats: int,
                      device: torch.device | str = "cpu") -> list[float]:
     """Median milliseconds of each call: ``WARMUP`` untimed runs each, then ``repeats`` rounds that
-    run every call once, in turn (CUDA synchronised around each run on a CUDA ``device``). Each round
-    starts one call further on, so no call always follows the same neighbour (whose caches and
-    clock it would inherit)."""
+    run every call once, in turn (CUDA synchronised around each run on a CUDA ``device``). Every
+    other round goes round the cycle the other way (a b c, a c b, ...): with three or more calls,
+    none always runs right after the same one (whose cache footprint it would inherit), and no call
+    ever runs twice in a row."""
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for call in calls:
         for _ in range(WARMUP):
             call()
     times: list[list[float]] = [[] for _ in calls]
+    forward = list(range(len(calls)))
+    backward = forward[:1] + forward[:0:-1]
     for r in range(repeats):
-        for k in range(len(calls)):
-            i = (r + k) % len(calls)
+        for i in forward if r % 2 == 0 else backward:
             call = calls[i]
             sync()
             t = time.perf_counter()
