@@ -18,8 +18,9 @@ need a chain of modules eager mode can follow; dynamic and half sizes apply to e
   Then each int8 layer is timed against its float version on this machine (``quantize_static``:
   the float side pays the dequantize/quantize around it) and the layers whose int8 kernel measured
   slower stay fp32 (``FloatLayer``; recorded as the transform's ``fp32_layers``), e.g. a 1-channel
-  stem on an AVX2-only CPU, if the model with them in fp32 then also measures faster as a whole. The prepared model is op for op what a hand-written torch.ao eager
-  model of the same layers runs (benchmarks/quantize.py times both side by side).
+  stem on an AVX2-only CPU, if the model with them in fp32 then also measures faster as a whole.
+  The prepared model is op for op what a hand-written torch.ao eager model of the same layers runs
+  (benchmarks/quantize.py times both side by side).
 - ``qat``: the static recipe with fake quantization during a short fine-tune by the core engine
   (``dlkit.engine.trainer.fit``), then converted to the same int8 modules as ``static``.
 - ``fp16`` / ``bf16``: weights stored at half size and widened to fp32 when loaded; compute runs
