@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import median, print_table, results_path, write_json
+from common import median, print_table, results_path, run_timed, write_json
 
 TARGETS = {("cnn", "fashion-mnist"): (0.925, "classic"), ("mlp", "digits"): (0.98, None),
            ("cnn", "digits"): (0.98, None), ("recipe", "cnn-fashion-mnist-94"): (0.94, 180.0)}
@@ -40,12 +39,8 @@ def run_case(model: str, dataset: str, seed: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "dlkit", "train", model, "--dataset", dataset, "--json", "--quiet",
                "--seed", str(seed), "--out", str(Path(tmp) / "run"), *extra]
-        t = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    doc = json.loads(out.stdout)
+        stdout, wall = run_timed(cmd, " ".join(cmd))
+    doc = json.loads(stdout)
     return {"wall_s": wall, "test_accuracy": doc["metrics"]["test_accuracy"],
             "val_accuracy": doc["metrics"].get("val_accuracy"), "train_s": doc["metrics"]["train_seconds"],
             "epochs": doc["train_config"]["epochs"], "precision": doc["train_config"]["precision"],
@@ -58,11 +53,7 @@ def run_recipe(name: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "dlkit", "run", str(RECIPES / f"{name}.yaml"), "--set", f"train.seed={seed}",
                "--quiet", "--out", str(Path(tmp) / "run")]
-        t = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if out.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+        _, wall = run_timed(cmd, " ".join(cmd))
         evaluated = json.loads((Path(tmp) / "run" / "evaluate.json").read_text())
         train = json.loads((Path(tmp) / "run" / "train" / "manifest.json").read_text())
     config = train["lineage"][-1]["options"]["train_config"]
@@ -74,12 +65,8 @@ def run_classic(seed: int, epochs: int, samples: int) -> dict:
     """The classic example in a fresh interpreter (this file with --classic-run), timed wall to wall."""
     cmd = [sys.executable, __file__, "--classic-run", str(seed), "--classic-epochs", str(epochs),
            "--classic-samples", str(samples)]
-    t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if out.returncode != 0:
-        raise SystemExit(f"the classic example failed:\n{out.stderr}")
-    return {"wall_s": wall, **json.loads(out.stdout), "epochs": epochs, "precision": "fp32"}
+    stdout, wall = run_timed(cmd, "the classic example")
+    return {"wall_s": wall, **json.loads(stdout), "epochs": epochs, "precision": "fp32"}
 
 
 def classic_example(seed: int, epochs: int, samples: int = 0) -> dict:
@@ -134,6 +121,8 @@ def main() -> None:
     cases = [(c.split(":")[0], c.split(":")[1], p) for c in args.cases.split(",") if c
              for p in args.precisions.split(",")]
     recipes = [r for r in args.recipes.split(",") if r]
+    if not cases and not recipes and args.no_classic:
+        raise SystemExit("nothing to run: give --cases, --recipes or leave out --no-classic")
     runs: dict[str, list[dict]] = {}
     for seed in range(args.repeats):  # alternate: every case, then the reference, per seed
         for model, dataset, precision in cases:

@@ -90,6 +90,19 @@ def timed(fn, repeats: int = 5, warmup: int = 1) -> list[float]:
     return out
 
 
+def run_timed(cmd: list[str], what: str) -> tuple[str, float]:
+    """Run ``cmd`` (a `dlkit` command, say) in a subprocess: its stdout and wall seconds, start-up
+    included. A failure stops the benchmark with ``what`` and the command's stderr."""
+    import subprocess
+
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr}")
+    return proc.stdout, seconds
+
+
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
     print(f"\n{title}")

@@ -25,15 +25,13 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, write_json  # noqa: E402
+from common import print_table, run_timed, write_json  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp")
 PEAK_TOLERANCE = 0.15
@@ -178,12 +176,8 @@ def train(model_name: str, dataset: str, strategy: str, epochs: int, batch: int,
         cmd = [sys.executable, "-m", "dlkit", "train", model_name, "--dataset", dataset, "--epochs", str(epochs),
                "--batch-size", str(batch), "--seed", str(seed), "--nproc", "2", "--strategy", strategy,
                "--device", "cpu", "--quiet", "--json", "--out", str(Path(tmp) / "run")]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"dlkit train --strategy {strategy} failed:\n{proc.stderr}")
-    doc = json.loads(proc.stdout)
+        stdout, seconds = run_timed(cmd, f"dlkit train --strategy {strategy}")
+    doc = json.loads(stdout)
     return {"strategy": strategy, "test_accuracy": doc["test"]["accuracy"], "test_loss": doc["test"]["loss"],
             "train_loss": [h["train_loss"] for h in doc["history"]], "seconds": seconds,
             "distributed": {k: v for k, v in doc["distributed"].items() if k != "parameter_sha256"}}
