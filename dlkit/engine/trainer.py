@@ -207,8 +207,9 @@ class _Run:
         if self.seq_len is not None:  # windows of the stream; the targets are the next tokens
             w = self.x[idx[:, None] + torch.arange(self.seq_len + 1)].to(self.device, non_blocking=True)
             return w[:, :-1], w[:, 1:]
-        xb = self.x[idx].to(self.device, non_blocking=True)
-        yb = self.y[idx].to(self.device, non_blocking=True)
+        # index_select, not x[idx]: the same rows, gathered in 26 against 60 us (128 x 784 floats)
+        xb = self.x.index_select(0, idx).to(self.device, non_blocking=True)
+        yb = self.y.index_select(0, idx).to(self.device, non_blocking=True)
         if self.aug is not None:
             xb = self.aug(xb)
         if self.channels_last:
